@@ -1,0 +1,63 @@
+"""fastgim: fast, exact GIM attribution and Causal Head Gating for Hugging Face LLMs.
+
+``import fastgim`` registers the ``"gim_fused"`` attention implementation with
+transformers (attention and mask registries).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fastgim.ops import attention, attention_with_lse
+from fastgim.settings import GIMSettings, current_settings
+
+__version__ = "0.1.0"
+
+# Public names served lazily from their modules, so that importing fastgim stays light.
+_LAZY = {
+    "GIM": "fastgim.gim",
+    "explain": "fastgim.explain",
+    "load_default_model": "fastgim.default_model",
+    "DEFAULT_MODEL_DIR": "fastgim.default_model",
+    "attribute": "fastgim.attribution",
+    "Attribution": "fastgim.attribution",
+    "evaluate": "fastgim.evaluation",
+    "CHG": "fastgim.chg",
+    "CHGTrainer": "fastgim.chg",
+    "CHGResults": "fastgim.chg",
+    "CHGDataset": "fastgim.chg",
+    "LensAPI": "fastgim.lens",
+    "TransformerTracer": "fastgim.tracing",
+    "CausalCircuitAttribution": "fastgim.chg",
+    "capture_gradients": "fastgim.hooks",
+    "capture_backward_pre": "fastgim.hooks",
+    "capture_kwargs_hook": "fastgim.hooks",
+    "tensor_grad_hook": "fastgim.hooks",
+    "autograd_node_hook": "fastgim.hooks",
+    "component_attribution": "fastgim.circuits",
+    "edge_attribution": "fastgim.circuits",
+    "attribute_dataset": "fastgim.distributed",
+}
+
+__all__ = ["attention", "attention_with_lse", "GIMSettings", "current_settings", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'fastgim' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _register_with_transformers() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:  # the op still works on its own
+        return
+    from fastgim import hf
+
+    hf.register()
+
+
+_register_with_transformers()

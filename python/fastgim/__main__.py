@@ -1,0 +1,5 @@
+import sys
+
+from fastgim.cli import main
+
+sys.exit(main())

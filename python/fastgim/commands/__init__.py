@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fastgim`` CLI (see :mod:`fastgim.cli`)."""

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test suite (CPU): sets up ./.venv, lints, then runs pytest.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FASTGIM_EXTRAS=${FASTGIM_EXTRAS:-tlens} bash scripts/setup_env.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+ruff check python kernels tests benchmarks scripts
+python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
