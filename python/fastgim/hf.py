@@ -1,0 +1,179 @@
+"""Hugging Face transformers integration: ``attn_implementation="gim_fused"``.
+
+:func:`register` (called by ``import fastgim``) adds ``"gim_fused"`` to both
+``AttentionInterface`` and ``AttentionMaskInterface``. Without the mask registration
+transformers would build no mask at all for an unknown implementation and silently
+drop padding and causality, so both are registered together.
+
+The attention function calls :func:`fastgim.attention`, which reads the GIM settings
+from the context variable set by :class:`fastgim.GIM`, and the per-(batch, head)
+gates set by :func:`head_gates` (Causal Head Gating, head masks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fastgim.ops.attention import attention
+
+IMPLEMENTATION = "gim_fused"
+
+SUPPORTED_FAMILIES = (
+    "Llama", "Mistral", "Mixtral", "Qwen2", "Qwen2-MoE", "Qwen3", "Qwen3-MoE", "Gemma", "Gemma2", "Gemma3",
+    "Phi3", "GPT-2", "GPT-NeoX", "OLMo", "OLMo2", "BERT",
+    "and any transformers model whose attention routes through AttentionInterface",
+)
+
+_HEAD_GATES: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("fastgim_head_gates", default=None)
+
+
+@contextlib.contextmanager
+def head_gates(gates: torch.Tensor | None) -> Iterator[torch.Tensor | None]:
+    """Multiply each attention head's output by a gate inside ``gim_fused`` attention.
+
+    Args:
+        gates: ``(num_layers, num_heads)`` (shared by the batch) or ``(batch, num_layers, num_heads)``,
+            any float dtype; may require grad (the gate gradient flows back through the op).
+            ``None`` disables gating.
+    """
+    if gates is not None and gates.dim() not in (2, 3):
+        raise ValueError(
+            f"head gates must be (num_layers, num_heads) or (batch, num_layers, num_heads), got {tuple(gates.shape)}"
+        )
+    token = _HEAD_GATES.set(gates)
+    try:
+        yield gates
+    finally:
+        _HEAD_GATES.reset(token)
+
+
+def _layer_gate(module: nn.Module, batch: int, heads: int, dtype: torch.dtype) -> torch.Tensor | None:
+    gates = _HEAD_GATES.get()
+    if gates is None:
+        return None
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None:
+        raise RuntimeError(
+            f"head gates need the attention module's layer_idx, but {type(module).__name__} has none"
+        )
+    if gates.shape[-2] <= layer_idx or gates.shape[-1] != heads:
+        raise ValueError(
+            f"head gates of shape {tuple(gates.shape)} do not fit layer {layer_idx} with {heads} heads; "
+            "expected (..., num_layers, num_heads)"
+        )
+    gate = gates[..., layer_idx, :]
+    if gate.dim() == 1:
+        gate = gate.unsqueeze(0).expand(batch, heads)
+    elif gate.shape[0] != batch:
+        raise ValueError(f"head gates have batch {gate.shape[0]} but the model input has batch {batch}")
+    return gate.to(dtype)
+
+
+def gim_fused_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q ``(B, Hq, S, D)``, k/v ``(B, Hkv, S_kv, D)`` -> ``(B, S, Hq, D)``."""
+    if dropout:
+        raise ValueError(
+            f"gim_fused attention has no attention dropout (got p={dropout}): call model.eval() or set the "
+            "config's attention dropout to 0"
+        )
+    for unsupported in ("s_aux", "sinks", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"gim_fused attention does not support {unsupported!r} ({type(module).__name__})")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        # The mask already encodes causality, the window and the cache alignment.
+        mask = attention_mask[..., :kv_len]
+        causal, window = False, None
+    else:
+        mask = None
+        causal = bool(is_causal) and q_len > 1
+        window = sliding_window
+        if causal and kv_len > q_len:  # empty static cache at prefill, as the sdpa path does
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+    gate = _layer_gate(module, query.shape[0], query.shape[1], query.dtype)
+    out = attention(
+        query, key, value, causal=causal, scale=scaling, attention_mask=mask, sliding_window=window,
+        softcap=softcap, gate=gate,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def gim_fused_mask(*args, **kwargs) -> torch.Tensor | None:
+    """Mask builder: a 4D boolean mask, or None when plain causal / full attention suffices."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register ``"gim_fused"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, gim_fused_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, gim_fused_mask)
+
+
+def supports_gim_fused(model: nn.Module) -> bool:
+    """True if ``model`` is a transformers model whose attention routes through AttentionInterface."""
+    return bool(getattr(type(model), "_supports_attention_backend", False)) and hasattr(model, "config")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a clear error if ``model`` cannot run ``gim_fused`` attention."""
+    if supports_gim_fused(model):
+        return
+    name = type(model).__name__
+    if not hasattr(model, "config"):
+        raise TypeError(f"{name} is not a Hugging Face transformers model (no .config); fastgim needs one")
+    raise TypeError(
+        f"{name} does not route its attention through transformers' AttentionInterface, so GIM cannot be "
+        f"applied to it exactly. Supported families: {', '.join(SUPPORTED_FAMILIES)}."
+    )
+
+
+def _current_implementation(model: nn.Module) -> str | dict | None:
+    config = model.config
+    sub_configs = getattr(config, "sub_configs", None) or {}
+    implementations = {}
+    for key in sub_configs:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            implementations[key] = sub._attn_implementation
+    if implementations:
+        implementations[""] = config._attn_implementation
+        return implementations
+    return config._attn_implementation
+
+
+@contextlib.contextmanager
+def use_gim_fused(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch ``model`` to ``gim_fused`` attention for the block; restore the previous one after."""
+    check_supported(model)
+    previous = _current_implementation(model)
+    if previous == IMPLEMENTATION or (isinstance(previous, dict) and set(previous.values()) == {IMPLEMENTATION}):
+        yield model
+        return
+    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
