@@ -17,7 +17,6 @@ __version__ = "0.1.0"
 # Public names served lazily from their modules, so that importing fastgim stays light.
 _LAZY = {
     "GIM": "fastgim.gim",
-    "explain": "fastgim.explain",
     "load_default_model": "fastgim.default_model",
     "DEFAULT_MODEL_DIR": "fastgim.default_model",
     "attribute": "fastgim.attribution",
@@ -40,7 +39,7 @@ _LAZY = {
     "attribute_dataset": "fastgim.distributed",
 }
 
-__all__ = ["attention", "attention_with_lse", "GIMSettings", "current_settings", *_LAZY]
+__all__ = ["attention", "attention_with_lse", "explain", "GIMSettings", "current_settings", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -61,3 +60,6 @@ def _register_with_transformers() -> None:
 
 
 _register_with_transformers()
+
+# Bound eagerly: the submodule fastgim.explain would otherwise shadow the function on first import.
+from fastgim.explain import explain  # noqa: E402

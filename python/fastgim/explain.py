@@ -1,0 +1,288 @@
+"""``fastgim.explain``: GIM token attributions (gim-explain's API, plus batches, masks and contrast).
+
+Attribution of token ``i`` = ``sum_h grad[i, h] * (emb[i, h] - baseline_emb[i, h])``, where ``emb``
+is the output of ``model.get_input_embeddings()`` (Gemma scales inside that module), the model
+runs on ``inputs_embeds`` inside :class:`fastgim.GIM`, and ``grad`` is the GIM gradient of the
+target score (the target token's logit at the target position, minus the contrast token's logit
+if given; for encoders, ``target(outputs)``) with respect to ``emb``. Only the embeddings get a
+gradient: parameters' ``requires_grad`` is switched off during the call and restored after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastgim.gim import GIM, is_hooked_transformer
+from fastgim.settings import (
+    DEFAULT_GATE_SCALE,
+    DEFAULT_K_SCALE,
+    DEFAULT_Q_SCALE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_UP_SCALE,
+    DEFAULT_V_SCALE,
+)
+
+TokenIds = int | Sequence[int] | torch.Tensor | None
+
+
+def _as_ids(input_ids: Any, vocab: int) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"input_ids must be [seq_len] or [batch, seq_len], got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)}); pass at least one token")
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        raise ValueError(
+            f"input_ids contains token id {int(ids[bad][0])} outside the model's vocabulary [0, {vocab}); "
+            "tokenize with the model's own tokenizer"
+        )
+    return ids.long()
+
+
+def _as_mask(attention_mask: Any, ids: torch.Tensor) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    mask = torch.as_tensor(attention_mask, device=ids.device)
+    if mask.dim() == 1 and ids.dim() == 2 and ids.shape[0] == 1:
+        mask = mask[None]
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {tuple(mask.shape)}; "
+            "pass the 2-D padding mask the tokenizer returns (1 = real token, 0 = padding)"
+        )
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
+    mask = mask.bool()
+    empty = (~mask.any(-1)).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"attention_mask row {int(empty[0])} has no real token; every row needs at least one")
+    return mask
+
+
+def _per_row(value: TokenIds, batch: int, name: str, device: torch.device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value, device=device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch or t.is_floating_point():
+        raise ValueError(f"{name} must be an int or {batch} integer ids (one per row), got {value!r}")
+    return t.long()
+
+
+def _check_vocab_ids(t: torch.Tensor | None, vocab: int, name: str) -> None:
+    if t is not None and ((t < 0) | (t >= vocab)).any():
+        raise ValueError(f"{name} {t.tolist()} is outside the vocabulary [0, {vocab})")
+
+
+def _target_positions(mask: torch.Tensor, target_position: int) -> torch.Tensor:
+    """Index into each row of the target position, counted over the row's real tokens."""
+    if not isinstance(target_position, int) or isinstance(target_position, bool):
+        raise TypeError(f"target_position must be an int, got {type(target_position).__name__}")
+    lengths = mask.sum(-1)
+    shortest = int(lengths.min())
+    if not -shortest <= target_position < shortest:
+        raise ValueError(
+            f"target_position {target_position} is out of range for a sequence of {shortest} real tokens; "
+            f"use a value in [{-shortest}, {shortest - 1}] (-1 = the last token)"
+        )
+    k = target_position if target_position >= 0 else lengths + target_position
+    k = torch.as_tensor(k, device=mask.device).expand(mask.shape[0])
+    order = torch.cumsum(mask.long(), -1) - 1  # index among real tokens
+    hit = mask & (order == k[:, None])
+    return hit.float().argmax(-1)
+
+
+def resolve_baseline(baseline_token_id: int | None, tokenizer: Any, vocab: int) -> int:
+    """The baseline token: explicit id, else the tokenizer's space token, else its pad, else its unk."""
+    if baseline_token_id is not None:
+        if isinstance(baseline_token_id, bool) or not isinstance(baseline_token_id, int):
+            raise TypeError(f"baseline_token_id must be an int, got {baseline_token_id!r}")
+        if not 0 <= baseline_token_id < vocab:
+            raise ValueError(f"baseline_token_id {baseline_token_id} is outside the vocabulary [0, {vocab})")
+        return baseline_token_id
+    if tokenizer is None:
+        raise ValueError("explain needs a baseline: pass baseline_token_id=<id> or tokenizer=<the model's tokenizer>")
+    candidates = []
+    try:
+        space = tokenizer.encode(" ", add_special_tokens=False)
+    except (AttributeError, TypeError, ValueError):
+        space = []
+    if len(space) == 1:
+        candidates.append(space[0])
+    candidates += [getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "unk_token_id", None)]
+    for candidate in candidates:
+        if isinstance(candidate, int) and 0 <= candidate < vocab:
+            return candidate
+    raise ValueError(
+        "the tokenizer has no single-token space, pad or unk token in the model's vocabulary; "
+        "pass baseline_token_id explicitly"
+    )
+
+
+@contextlib.contextmanager
+def _no_parameter_grads(model: nn.Module):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _scores(
+    outputs: Any, target: Callable | None, rows: torch.Tensor, positions: torch.Tensor,
+    target_ids: torch.Tensor | None, contrast: torch.Tensor | None, vocab: int,
+) -> torch.Tensor:
+    """``[batch]`` target scores."""
+    if target is not None:
+        scores = torch.as_tensor(target(outputs))
+        if scores.shape != (rows.shape[0],):
+            raise ValueError(f"target(outputs) must return one score per row, shape ({rows.shape[0]},), "
+                             f"got {tuple(scores.shape)}")
+        return scores
+    logits = getattr(outputs, "logits", None)
+    if logits is None or logits.dim() != 3:
+        raise TypeError(
+            "the model's output has no [batch, seq, vocab] logits (an encoder such as BERT?); pass "
+            "target=callable(outputs) -> [batch] scores instead of a target token"
+        )
+    picked = logits[rows, positions].float()  # [batch, vocab]
+    ids = picked.argmax(-1) if target_ids is None else target_ids
+    _check_vocab_ids(ids, picked.shape[-1], "target_token_id")
+    scores = picked[rows, ids]
+    if contrast is not None:
+        _check_vocab_ids(contrast, picked.shape[-1], "contrast_token_id")
+        scores = scores - picked[rows, contrast]
+    return scores
+
+
+def _position_ids(mask: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
+    if mask.all():
+        return {}
+    import inspect
+
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"position_ids": (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)}
+
+
+def explain(
+    model: nn.Module,
+    input_ids: Any,
+    *,
+    target_token_id: TokenIds = None,
+    target_position: int = -1,
+    baseline_token_id: int | None = None,
+    tokenizer: Any = None,
+    attention_mask: Any = None,
+    contrast_token_id: TokenIds = None,
+    freeze_norm: bool | None = True,
+    softmax_temperature: float | None = DEFAULT_TEMPERATURE,
+    q_scale: float | None = DEFAULT_Q_SCALE,
+    k_scale: float | None = DEFAULT_K_SCALE,
+    v_scale: float | None = DEFAULT_V_SCALE,
+    gate_scale: float | None = DEFAULT_GATE_SCALE,
+    up_scale: float | None = DEFAULT_UP_SCALE,
+    target: Callable[[Any], torch.Tensor] | None = None,
+    head_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GIM attribution of each input token to a target.
+
+    Args:
+        model: a Hugging Face model (see :class:`fastgim.GIM` for the supported families).
+        input_ids: ``[seq]`` or ``[batch, seq]`` integer token ids.
+        target_token_id: token whose logit is explained: an int, or ``[batch]`` ids (one per row);
+            default each row's argmax prediction at the target position.
+        target_position: position of the logit, counted over each row's real (unpadded) tokens;
+            -1 (default) is the last real token.
+        baseline_token_id: counterfactual token; default the tokenizer's space token, else pad, else unk.
+        tokenizer: used only to find the baseline token.
+        attention_mask: ``[batch, seq]`` (or ``[seq]``) 1 / 0 padding mask; left or right padding.
+        contrast_token_id: if given (int or ``[batch]``), the score is ``logit(target) - logit(contrast)``.
+        freeze_norm, softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale: the GIM rules
+            (``None`` turns one off), as in :class:`fastgim.GIM`.
+        target: for encoders without an LM head: ``callable(model outputs) -> [batch]`` scores.
+        head_mask: optional ``[num_layers, num_heads]`` or ``[batch, num_layers, num_heads]`` gates on the
+            attention heads' outputs (via :func:`fastgim.hf.head_gates`).
+
+    Returns:
+        float32 attributions, ``[seq]`` for 1-D or batch-1 input, else ``[batch, seq]``; padded positions are 0.
+    """
+    if is_hooked_transformer(model):
+        return _explain_tlens(
+            model, input_ids, target_token_id=target_token_id, target_position=target_position,
+            baseline_token_id=baseline_token_id, tokenizer=tokenizer, attention_mask=attention_mask,
+            contrast_token_id=contrast_token_id, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
+            q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
+            target=target, head_mask=head_mask,
+        )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embeddings, nn.Embedding):
+        raise TypeError(f"{type(model).__name__} has no input embedding module (get_input_embeddings())")
+    vocab = embeddings.num_embeddings
+    squeeze = torch.as_tensor(input_ids).dim() == 1
+    device = embeddings.weight.device
+    ids = _as_ids(input_ids, vocab).to(device)
+    ids = ids[None] if ids.dim() == 1 else ids
+    mask = _as_mask(attention_mask, ids)
+    batch = ids.shape[0]
+    rows = torch.arange(batch, device=device)
+    positions = _target_positions(mask, target_position)
+    target_ids = _per_row(target_token_id, batch, "target_token_id", device)
+    contrast = _per_row(contrast_token_id, batch, "contrast_token_id", device)
+    if target is not None and not callable(target):
+        raise TypeError(f"target must be a callable(outputs) -> [batch] scores, got {type(target).__name__}")
+    baseline = resolve_baseline(baseline_token_id, tokenizer, vocab)
+    if model.training:
+        warnings.warn(
+            "explain() got a model in training mode (dropout active, attributions not deterministic); "
+            "call model.eval() first", stacklevel=2,
+        )
+    gim = GIM(model, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
+              k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale)
+    with torch.enable_grad(), _no_parameter_grads(model), gim, _head_mask(head_mask):
+        with torch.no_grad():
+            base = embeddings(torch.full_like(ids, baseline))
+        emb = embeddings(ids).detach().requires_grad_(True)
+        outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **_position_ids(mask, model))
+        scores = _scores(outputs, target, rows, positions, target_ids, contrast, vocab)
+        (grad,) = torch.autograd.grad(scores.sum(), emb)
+    attribution = (grad.float() * (emb.detach().float() - base.float())).sum(-1)
+    attribution = attribution.masked_fill(~mask, 0.0)
+    return attribution[0] if squeeze or batch == 1 else attribution
+
+
+def _head_mask(head_mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    if head_mask is None:
+        return contextlib.nullcontext()
+    from fastgim.hf import head_gates
+
+    return head_gates(head_mask)
+
+
+def _explain_tlens(model: nn.Module, input_ids: Any, *, target: Callable | None, head_mask: torch.Tensor | None,
+                   **kwargs: Any) -> torch.Tensor:
+    """``explain`` for TransformerLens models, by ``fastgim.tlens.explain_tlens``."""
+    try:
+        explain_tlens = importlib.import_module("fastgim.tlens").explain_tlens
+    except ImportError as error:
+        raise TypeError(
+            "explain on a TransformerLens HookedTransformer needs fastgim.tlens, which is not available in this "
+            "installation; use the Hugging Face model instead"
+        ) from error
+    if target is not None or head_mask is not None:
+        raise ValueError("target= and head_mask= are not supported for TransformerLens models; use the HF model")
+    return explain_tlens(model, torch.as_tensor(input_ids), **kwargs)
