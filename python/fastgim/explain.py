@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim.checkpointing import checkpoint_layers
 from fastgim.gim import GIM, is_hooked_transformer
 from fastgim.settings import (
     DEFAULT_GATE_SCALE,
@@ -169,14 +171,13 @@ def _scores(
     return scores
 
 
-def _position_ids(mask: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
-    if mask.all():
-        return {}
-    import inspect
-
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return {}
-    return {"position_ids": (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)}
+def _forward_kwargs(mask: torch.Tensor, model: nn.Module) -> dict[str, Any]:
+    """No KV cache (it would only cost memory); position ids that skip left padding."""
+    parameters = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in parameters else {}
+    if not mask.all() and "position_ids" in parameters:
+        kwargs["position_ids"] = (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)
+    return kwargs
 
 
 def explain(
@@ -198,6 +199,7 @@ def explain(
     up_scale: float | None = DEFAULT_UP_SCALE,
     target: Callable[[Any], torch.Tensor] | None = None,
     head_mask: torch.Tensor | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """GIM attribution of each input token to a target.
 
@@ -217,6 +219,9 @@ def explain(
         target: for encoders without an LM head: ``callable(model outputs) -> [batch]`` scores.
         head_mask: optional ``[num_layers, num_heads]`` or ``[batch, num_layers, num_heads]`` gates on the
             attention heads' outputs (via :func:`fastgim.hf.head_gates`).
+        checkpoint: recompute each transformer block in the backward instead of keeping its
+            activations (:func:`fastgim.checkpointing.checkpoint_layers`): one extra forward pass of
+            time for a large cut in peak memory at long context.
 
     Returns:
         float32 attributions, ``[seq]`` for 1-D or batch-1 input, else ``[batch, seq]``; padded positions are 0.
@@ -227,7 +232,7 @@ def explain(
             baseline_token_id=baseline_token_id, tokenizer=tokenizer, attention_mask=attention_mask,
             contrast_token_id=contrast_token_id, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature,
             q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
-            target=target, head_mask=head_mask,
+            target=target, head_mask=head_mask, checkpoint=checkpoint,
         )
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embeddings, nn.Embedding):
@@ -253,11 +258,12 @@ def explain(
         )
     gim = GIM(model, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
               k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale)
-    with torch.enable_grad(), _no_parameter_grads(model), gim, _head_mask(head_mask):
+    with torch.enable_grad(), _no_parameter_grads(model), gim, _head_mask(head_mask), \
+            checkpoint_layers(model, enabled=checkpoint):
         with torch.no_grad():
             base = embeddings(torch.full_like(ids, baseline))
         emb = embeddings(ids).detach().requires_grad_(True)
-        outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **_position_ids(mask, model))
+        outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **_forward_kwargs(mask, model))
         scores = _scores(outputs, target, rows, positions, target_ids, contrast, vocab)
         (grad,) = torch.autograd.grad(scores.sum(), emb)
     attribution = (grad.float() * (emb.detach().float() - base.float())).sum(-1)
@@ -274,7 +280,7 @@ def _head_mask(head_mask: torch.Tensor | None) -> contextlib.AbstractContextMana
 
 
 def _explain_tlens(model: nn.Module, input_ids: Any, *, target: Callable | None, head_mask: torch.Tensor | None,
-                   **kwargs: Any) -> torch.Tensor:
+                   checkpoint: bool, **kwargs: Any) -> torch.Tensor:
     """``explain`` for TransformerLens models, by ``fastgim.tlens.explain_tlens``."""
     try:
         explain_tlens = importlib.import_module("fastgim.tlens").explain_tlens
@@ -283,6 +289,8 @@ def _explain_tlens(model: nn.Module, input_ids: Any, *, target: Callable | None,
             "explain on a TransformerLens HookedTransformer needs fastgim.tlens, which is not available in this "
             "installation; use the Hugging Face model instead"
         ) from error
-    if target is not None or head_mask is not None:
-        raise ValueError("target= and head_mask= are not supported for TransformerLens models; use the HF model")
+    if target is not None or head_mask is not None or checkpoint:
+        raise ValueError(
+            "target=, head_mask= and checkpoint= are not supported for TransformerLens models; use the HF model"
+        )
     return explain_tlens(model, torch.as_tensor(input_ids), **kwargs)
