@@ -1,0 +1,1 @@
+"""Triton kernels of fastgim, installed as the package ``fastgim.kernels``."""
