@@ -133,16 +133,16 @@ def _attention_backward_op(
         scale=scale, sliding_window=sliding_window, softcap=softcap, temperature=temperature,
         q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
     )
-    if dgate is None:
-        dgate = q.new_empty(0)
+    dgate = q.new_empty(0) if dgate is None else dgate.to(gate.dtype)
     return dq, dk, dv, dgate
 
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, out, lse, o_t, lse_t, attention_mask, gate, causal, scale,
                              sliding_window, softcap, temperature, q_scale, k_scale, v_scale, backend):
-    dgate = torch.empty_like(gate) if gate is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgate
+    # Backends return contiguous gradients whatever the inputs' strides (HF passes transposed views).
+    dgate = gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgate
 
 
 _FORWARD_ARGS = ("q", "k", "v", "attention_mask", "gate", "causal", "scale", "sliding_window", "softcap",
