@@ -43,7 +43,7 @@ def _extension_kwargs() -> dict:
     extension = CUDAExtension(
         name="fastgim._C",
         sources=[os.path.relpath(p, ROOT) for p in _cuda_sources()],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *arch_flags]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch_flags]},  # torch picks the C++ standard
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

@@ -14,6 +14,11 @@ identity functions whose backward multiplies, placed on the projection outputs:
   is intercepted by a torch-function mode; the batched / grouped paths get an instance
   ``_apply_gate`` that scales the halves first.
 
+On devices where the fused kernels run (CUDA; or ``FASTGIM_NORM_BACKEND=triton`` under the
+Triton interpreter), known ``gate_proj`` / ``up_proj`` MLP classes compute ``act(gate) * up``
+and its scaled backward in one kernel (:func:`fastgim.ops.norms.gated_activation`); their
+forward then equals the module's up to one rounding of the product.
+
 The scales are read from the context variable when the forward runs, so a patched
 model behaves exactly as an unpatched one outside a GIM context. A module that looks
 like a gated MLP but fits none of these is an error naming its class.
@@ -21,6 +26,7 @@ like a gated MLP but fits none of these is an error naming its class.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 
 import torch
@@ -139,9 +145,52 @@ def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 def _branch_hook(which: int) -> Callable:
     def hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
         scales = _active_scales()
-        return None if scales is None else scale_gradient(output, scales[which])
+        if scales is None or _FUSED_RUNNING.get():
+            return None
+        return scale_gradient(output, scales[which])
 
     return hook
+
+
+#: Classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: on devices where
+#: the fused kernels run, GIM computes ``act(gate) * up`` with the scales inside one kernel.
+FUSABLE_SPLIT_MLPS = frozenset({
+    "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP", "Olmo2MLP",
+    "Qwen2MoeMLP", "Qwen3MoeMLP", "MixtralMLP", "GraniteMLP",
+})
+
+_FUSED_RUNNING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgim_fused_mlp", default=False)
+
+
+def _activation_name(module: nn.Module) -> str | None:
+    from fastgim.ops.norms import ACTIVATIONS
+
+    config = getattr(module, "config", None)
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return name if isinstance(name, str) and name in ACTIVATIONS else None
+
+
+def _patch_fused_split(module: nn.Module, activation: str) -> Callable[[], None]:
+    """Forward through :func:`fastgim.ops.norms.gated_activation` where a fused backend runs."""
+    from fastgim.ops import norms
+
+    def make_forward(m: nn.Module, original: Callable) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            scales = _active_scales()
+            if scales is None or norms.resolve_norm_backend(x.device) == "torch":
+                return original(x)
+            token = _FUSED_RUNNING.set(True)  # the branch hooks must not scale a second time
+            try:
+                gate, up = m.gate_proj(x), m.up_proj(x)
+            finally:
+                _FUSED_RUNNING.reset(token)
+            hidden = norms.gated_activation(gate, up, activation=activation, gate_scale=scales[0],
+                                            up_scale=scales[1])
+            return m.down_proj(hidden)
+
+        return forward
+
+    return set_forward(module, make_forward)
 
 
 def _halves_hook(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
@@ -216,6 +265,9 @@ def patch_gated_mlps(model: nn.Module) -> Callable[[], None]:
                 handles = [module.gate_proj.register_forward_hook(_branch_hook(0)),
                            module.up_proj.register_forward_hook(_branch_hook(1))]
                 undo.extend(h.remove for h in handles)
+                activation = _activation_name(module)
+                if type(module).__name__ in FUSABLE_SPLIT_MLPS and activation is not None:
+                    undo.append(_patch_fused_split(module, activation))
             elif kind == "fused":
                 undo.append(module.gate_up_proj.register_forward_hook(_halves_hook).remove)
             else:

@@ -84,14 +84,18 @@ def _eps(module: nn.Module, spec: NormSpec) -> float:
     return float(eps)
 
 
-def _apply(module: nn.Module, spec: NormSpec, x: torch.Tensor, *, frozen: bool) -> torch.Tensor:
+def _apply(
+    module: nn.Module, spec: NormSpec, x: torch.Tensor, *, frozen: bool, backend: str | None = None
+) -> torch.Tensor:
     """The norm's output through :mod:`fastgim.ops.norms` (frozen statistics if ``frozen``)."""
     ops = _norm_ops()
     weight = getattr(module, "weight", None)
+    eps = _eps(module, spec)
     if spec.kind == "layer":
         bias = getattr(module, "bias", None)
-        return ops.layer_norm(x, weight, bias, _eps(module, spec), cast=spec.cast, frozen=frozen)
-    return ops.rms_norm(x, weight, _eps(module, spec), weight_offset=spec.weight_offset, cast=spec.cast, frozen=frozen)
+        return ops.layer_norm(x, weight, bias, eps, cast=spec.cast, frozen=frozen, backend=backend)
+    return ops.rms_norm(x, weight, eps, weight_offset=spec.weight_offset, cast=spec.cast, frozen=frozen,
+                        backend=backend)
 
 
 def is_norm_candidate(module: nn.Module) -> bool:
@@ -106,8 +110,8 @@ def _candidate_specs(module: nn.Module) -> list[NormSpec]:
     known = KNOWN_NORMS.get(type(module).__name__)
     if isinstance(module, nn.LayerNorm):
         return [_LAYER]
-    if isinstance(module, nn.RMSNorm):
-        return [NormSpec("rms", "llama", 0.0, "eps")]
+    if isinstance(module, nn.RMSNorm):  # multiplies the weight in fp32, like OLMo2
+        return [NormSpec("rms", "olmo2", 0.0, "eps")]
     specs = [known] if known is not None else []
     eps_attrs = [a for a in ("variance_epsilon", "eps", "epsilon") if isinstance(getattr(module, a, None), float)]
     if "LayerNorm" in type(module).__name__ or "RMS" not in type(module).__name__:
@@ -142,7 +146,8 @@ def _agrees(module: nn.Module, spec: NormSpec, dtypes: tuple[torch.dtype, ...]) 
             except (RuntimeError, TypeError, ValueError):
                 continue  # the module itself does not take this dtype: nothing to match
             try:
-                got = _apply(module, spec, x, frozen=False)
+                # The exact torch path: fused GPU kernels may differ from the module by one ulp.
+                got = _apply(module, spec, x, frozen=False, backend="torch")
             except ValueError:
                 continue  # the op refuses this mix of dtypes (e.g. bf16 input, fp32 LayerNorm weight)
             except (RuntimeError, TypeError, AttributeError):
@@ -208,15 +213,21 @@ def patch_norms(model: nn.Module) -> Callable[[], None]:
 
 
 def set_forward(module: nn.Module, make: Callable[[nn.Module, Callable], Callable]) -> Callable[[], None]:
-    """Set ``module.forward`` to ``make(module, current forward)``; returns the undo."""
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = make(module, module.forward)
+    """Set the module's forward to ``make(module, current forward)``; returns the undo.
+
+    Under accelerate's hooks (``device_map`` with offloading) ``module.forward`` is the hook's
+    wrapper, which loads the weights and then calls ``module._old_forward``; the patch then goes
+    on ``_old_forward`` so the weights are still loaded first.
+    """
+    name = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+    had_own = name in module.__dict__
+    previous = module.__dict__.get(name)
+    setattr(module, name, make(module, getattr(module, name)))
 
     def undo() -> None:
         if had_own:
-            module.forward = previous
+            setattr(module, name, previous)
         else:
-            del module.forward
+            delattr(module, name)
 
     return undo
