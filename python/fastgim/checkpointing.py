@@ -35,28 +35,57 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+
+
 def _checkpointed(forward):
     def run(*args, **kwargs):
+        cache = next((kwargs[name] for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+        if cache is not None:
+            raise RuntimeError(
+                "checkpoint_layers: the model was called with a KV cache (use_cache=True or past_key_values); "
+                "recomputing a block in the backward would write its keys and values into the cache twice and "
+                "attend to them. Call the model with use_cache=False and no past_key_values."
+            )
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
 
 
+def _configs(model: nn.Module) -> list:
+    """The distinct configs of ``model`` and its submodules that carry ``use_cache``."""
+    found: dict[int, object] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            found.setdefault(id(config), config)
+    return list(found.values())
+
+
 @contextlib.contextmanager
 def checkpoint_layers(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Recompute each transformer block in the backward instead of storing its activations."""
+    """Recompute each transformer block in the backward instead of storing its activations.
+
+    For the block, the model's configs default to ``use_cache=False`` (a KV cache written in the forward
+    would be written again by the recomputation); calling the model with an explicit cache is an error.
+    """
     if not enabled:
         yield model
         return
     blocks = list(transformer_blocks(model))
     patched = []
+    configs = [(config, config.use_cache) for config in _configs(model)]
     try:
         for block in blocks:
             if "forward" in block.__dict__:
                 raise RuntimeError(f"{type(block).__name__}.forward is already patched; cannot checkpoint it")
             block.forward = _checkpointed(block.forward)
             patched.append(block)
+        for config, _ in configs:
+            config.use_cache = False
         yield model
     finally:
+        for config, flag in configs:
+            config.use_cache = flag
         for block in patched:
             del block.forward

@@ -171,13 +171,24 @@ def _scores(
     return scores
 
 
-def _forward_kwargs(mask: torch.Tensor, model: nn.Module) -> dict[str, Any]:
-    """No KV cache (it would only cost memory); position ids that skip left padding."""
+def _forward_kwargs(
+    mask: torch.Tensor, model: nn.Module, positions: torch.Tensor, token_target: bool
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Forward kwargs and where each row's target position lands in the returned logits.
+
+    No KV cache (it would only cost memory); position ids that skip left padding; and, for
+    token targets, logits only at the target positions (``logits_to_keep``): at long context
+    the full ``[seq, vocab]`` logits and their gradient would dominate peak memory.
+    """
     parameters = inspect.signature(model.forward).parameters
     kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in parameters else {}
     if not mask.all() and "position_ids" in parameters:
         kwargs["position_ids"] = (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)
-    return kwargs
+    if token_target and "logits_to_keep" in parameters:
+        keep = torch.unique(positions)
+        kwargs["logits_to_keep"] = keep
+        positions = torch.searchsorted(keep, positions)
+    return kwargs, positions
 
 
 def explain(
@@ -263,8 +274,9 @@ def explain(
         with torch.no_grad():
             base = embeddings(torch.full_like(ids, baseline))
         emb = embeddings(ids).detach().requires_grad_(True)
-        outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **_forward_kwargs(mask, model))
-        scores = _scores(outputs, target, rows, positions, target_ids, contrast, vocab)
+        kwargs, logit_positions = _forward_kwargs(mask, model, positions, target is None)
+        outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **kwargs)
+        scores = _scores(outputs, target, rows, logit_positions, target_ids, contrast, vocab)
         (grad,) = torch.autograd.grad(scores.sum(), emb)
     attribution = (grad.float() * (emb.detach().float() - base.float())).sum(-1)
     attribution = attribution.masked_fill(~mask, 0.0)
