@@ -1,0 +1,982 @@
+"""Causal Head Gating (CHG, Nam et al. 2025, arXiv 2505.13737) on the fused attention op.
+
+Each attention head ``(layer, head)`` gets a gate ``g = sigmoid(logit)`` that multiplies its
+output before the output projection. The gates reach the attention op's ``gate`` argument
+through :func:`fastgim.hf.head_gates` (fused in the kernel on GPU, the ``torch`` backend on
+CPU); no forward hooks are involved. Several masks are evaluated in one pass by repeating
+the batch once per mask.
+
+Training (per the paper) minimises, for each mask independently::
+
+    loss = NLL(targets | gated model) - lambda * mean(clamp(logits, -c, c))
+
+with Adam on the logits (the mean over the ``(L, H)`` logits, as in the reference CHG code, so the
+per-head pressure does not grow with the model; ``l1_reduction="sum"`` gives the sum). Three stages:
+
+* ``"none"`` (lambda = 0) from gates drawn uniform(0, 1);
+* ``"retention"`` (lambda = +l1_weight: the penalty pushes gates to 1), started from the
+  result of the first stage;
+* ``"removal"`` (lambda = -l1_weight: pushes gates to 0), also started from the first stage.
+
+The public nam_causal-head-gating code (and inteprelens, which copies it) calls the lambda > 0
+stage "positive" and documents it as pushing gates to 0, although its loss pushes them to 1;
+here the stage names say what the pressure does. ``"positive"`` / ``"negative"`` are accepted
+as aliases by the sign of lambda (retention / removal).
+
+Taxonomy from the final retention mask ``s`` and removal mask ``r`` (threshold ``t``):
+
+* facilitating: ``r >= t`` (stays on even under removal pressure);
+* interfering: ``s < t`` (goes off even under retention pressure);
+* irrelevant: ``s >= t`` and ``r < t``;
+* ambiguous: ``r >= t`` and ``s < t`` (contradictory; rare, reported rather than hidden).
+
+The API follows inteprelens (``CHG``, ``CHGTrainer``, ``CHGResults``, ``CHGDataset``,
+``CausalCircuitAttribution``) with the same names and defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastgim import hf
+from fastgim.settings import use_settings
+
+STAGES = ("none", "retention", "removal")
+_STAGE_ALIASES = {"unregularized": "none", "positive": "retention", "negative": "removal"}
+TAXONOMY = ("facilitating", "interfering", "irrelevant", "ambiguous")
+
+
+def canonical_stage(stage: str) -> str:
+    """``"none"``, ``"retention"`` or ``"removal"`` for a stage name or its inteprelens alias."""
+    name = _STAGE_ALIASES.get(stage, stage)
+    if name not in STAGES:
+        raise ValueError(
+            f"unknown CHG stage {stage!r}; use one of {', '.join(STAGES)} "
+            f"(aliases: {', '.join(f'{k}={v}' for k, v in _STAGE_ALIASES.items())})"
+        )
+    return name
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _head_counts(model: nn.Module) -> tuple[int, int]:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face transformers model (no .config)")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    if not layers or not heads:
+        raise TypeError(f"cannot read num_hidden_layers / num_attention_heads from {type(config).__name__}")
+    return int(layers), int(heads)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def _check_pairs(texts: Sequence[str], targets: Sequence[str]) -> None:
+    if isinstance(texts, str) or isinstance(targets, str):
+        raise TypeError("texts and targets must be lists of strings, not single strings; wrap them in a list")
+    if len(texts) == 0:
+        raise ValueError("texts is empty: give at least one prompt (and one target per prompt)")
+    if len(texts) != len(targets):
+        raise ValueError(
+            f"texts and targets must have the same length (one target per prompt), got {len(texts)} texts "
+            f"and {len(targets)} targets"
+        )
+    for i, (text, target) in enumerate(zip(texts, targets)):
+        if not isinstance(text, str) or not isinstance(target, str):
+            raise TypeError(f"pair {i}: texts and targets must be strings, got {type(text).__name__}, "
+                            f"{type(target).__name__}")
+
+
+class CHGDataset(torch.utils.data.Dataset):
+    """Prompt/target pairs tokenised for CHG: the loss covers the target tokens only.
+
+    Attributes:
+        input_ids: ``(N, L)`` int64, right-padded with ``pad_token_id``.
+        loss_masks: ``(N, L)`` bool, True at target tokens (the tokens to predict).
+        lengths: ``(N,)`` int64, real (unpadded) length of each sequence.
+
+    Right padding never changes the logits at real positions of a causal model, so batches
+    need no attention mask.
+    """
+
+    def __init__(self, input_ids: Tensor, loss_masks: Tensor, pad_token_id: int, lengths: Tensor | None = None):
+        if input_ids.dim() != 2 or tuple(loss_masks.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"input_ids and loss_masks must both be (num_samples, seq_len), got {tuple(input_ids.shape)} "
+                f"and {tuple(loss_masks.shape)}"
+            )
+        if input_ids.shape[0] == 0:
+            raise ValueError("a CHG dataset needs at least one sample")
+        loss_masks = loss_masks.to(torch.bool)
+        if loss_masks[:, 0].any():
+            raise ValueError("loss_masks[:, 0] must be False: the first token has no preceding context to predict it")
+        empty = (~loss_masks.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"samples {empty[:10]} have no target token in loss_masks; every sample needs one")
+        self.input_ids = input_ids.long()
+        self.loss_masks = loss_masks
+        self.pad_token_id = int(pad_token_id)
+        if lengths is None:
+            last = torch.arange(input_ids.shape[1]).expand_as(loss_masks).masked_fill(~loss_masks, -1)
+            lengths = last.max(dim=1).values + 1
+        self.lengths = lengths.long()
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        targets: Sequence[str],
+        tokenizer: Any,
+        max_length: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> CHGDataset:
+        """Tokenise ``prompt.rstrip()`` (with the tokenizer's special tokens) then ``" " + target``.
+
+        The target gets a leading space unless it starts with whitespace (as inteprelens does).
+        ``max_length`` truncates from the left of the prompt so the target is always kept.
+        The tokenizer is not modified (no marker token is added).
+        """
+        _check_pairs(texts, targets)
+        sequences, masks = [], []
+        for i, (text, target) in enumerate(zip(texts, targets)):
+            prompt_ids = _encode(tokenizer, text.rstrip(), special=True)
+            target_text = target if target[:1].isspace() else " " + target
+            target_ids = _encode(tokenizer, target_text, special=False) if target.strip() else []
+            if not target_ids:
+                raise ValueError(f"target {i} ({target!r}) tokenizes to nothing; give a non-empty target string")
+            if not prompt_ids:
+                raise ValueError(
+                    f"text {i} ({text!r}) tokenizes to nothing and the tokenizer adds no BOS token, so the first "
+                    "target token has no context; give a non-empty prompt"
+                )
+            ids = prompt_ids + target_ids
+            mask = [False] * len(prompt_ids) + [True] * len(target_ids)
+            if max_length is not None:
+                if max_length <= len(target_ids):
+                    raise ValueError(f"max_length={max_length} leaves no prompt for target {i} "
+                                     f"({len(target_ids)} tokens); raise max_length")
+                ids, mask = ids[-max_length:], mask[-max_length:]
+            sequences.append(ids)
+            masks.append(mask)
+        width = max(len(s) for s in sequences)
+        pad = _pad_token_id(tokenizer)
+        input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        loss_masks = torch.zeros((len(sequences), width), dtype=torch.bool)
+        for row, (ids, mask) in enumerate(zip(sequences, masks)):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            loss_masks[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+        return cls(input_ids.to(device), loss_masks.to(device), pad, lengths.to(device))
+
+    @classmethod
+    def from_tokens(cls, input_ids: Tensor, loss_masks: Tensor, pad_token_id: int) -> CHGDataset:
+        """Dataset from pre-tokenised ``(N, L)`` ids and boolean loss masks (True = predict this token)."""
+        return cls(input_ids, loss_masks, pad_token_id)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, tokenizer: Any, max_length: int | None = None) -> CHGDataset:
+        """Read one JSON object per line with a prompt (``"text"`` or ``"prompt"``) and a ``"target"``."""
+        texts, targets = [], []
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            prompt = record.get("text", record.get("prompt"))
+            if prompt is None or "target" not in record:
+                raise ValueError(f"{path}:{number}: each line needs a 'text' (or 'prompt') and a 'target' field")
+            texts.append(prompt)
+            targets.append(record["target"])
+        return cls.from_texts(texts, targets, tokenizer, max_length=max_length)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids[index], "loss_masks": self.loss_masks[index]}
+
+    def batch(self, indices: Tensor) -> dict[str, Tensor]:
+        """Rows ``indices`` with the all-padding columns on the right removed."""
+        width = int(self.lengths[indices].max())
+        return {"input_ids": self.input_ids[indices, :width], "loss_masks": self.loss_masks[indices, :width]}
+
+    def to_iterator(self, batch_size: int, shuffle: bool = True, seed: int | None = None
+                    ) -> Iterator[dict[str, Tensor]]:
+        """Endless batches; each epoch is a fresh permutation when ``shuffle`` (batches never span epochs)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        count = len(self)
+        while True:
+            order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+            for start in range(0, count, batch_size):
+                yield self.batch(order[start:start + batch_size].to(self.input_ids.device))
+
+
+# --------------------------------------------------------------------------- gated model
+
+
+class CHG:
+    """A Hugging Face causal LM with per-(layer, head) gates fused into its attention op.
+
+    Example::
+
+        chg = CHG(model)
+        logits = chg.create_masks(num_masks=4)          # (4, layers, heads) logits, a Parameter
+        logp = chg.get_logp(logits.sigmoid(), input_ids, loss_masks, agg="mean")   # (batch, 4)
+    """
+
+    def __init__(self, model: nn.Module, adapter: Any = None):
+        hf.check_supported(model)
+        self.model = model
+        self.num_layers, self.num_heads = _head_counts(model)
+        del adapter  # accepted for inteprelens compatibility; the fused gate needs no adapter
+
+    @property
+    def device(self) -> torch.device:
+        return _model_device(self.model)
+
+    @property
+    def mask_shape(self) -> tuple[int, int]:
+        """``(num_layers, num_heads)``."""
+        return (self.num_layers, self.num_heads)
+
+    def create_masks(
+        self,
+        num_masks: int | None = None,
+        mask_init_range: tuple[float, float] = (0.0, 1.0),
+        as_parameter: bool = True,
+        as_logits: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Masks drawn uniform in ``mask_init_range``: ``(L, H)`` or ``(num_masks, L, H)`` float32.
+
+        With ``as_logits`` the values are stored as logits (``sigmoid`` gives the gates back);
+        with ``as_parameter`` the result is an ``nn.Parameter``.
+        """
+        if num_masks is not None and num_masks < 1:
+            raise ValueError(f"num_masks must be >= 1 (or None for a single mask), got {num_masks}")
+        low, high = mask_init_range
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"mask_init_range must satisfy 0 <= low <= high <= 1, got {mask_init_range}")
+        shape = self.mask_shape if num_masks is None else (num_masks, *self.mask_shape)
+        masks = low + (high - low) * torch.rand(shape, generator=generator)
+        if as_logits:
+            masks = torch.logit(masks.clamp(1e-6, 1 - 1e-6))
+        masks = masks.to(self.device)
+        return nn.Parameter(masks) if as_parameter else masks
+
+    @contextlib.contextmanager
+    def gating(self, gates: Tensor) -> Iterator[None]:
+        """Run the model with ``gates`` ``(L, H)`` or ``(batch, L, H)`` in ``[0, 1]`` applied to head outputs.
+
+        The model is switched to ``gim_fused`` attention for the block if it is not on it, and GIM
+        is off inside (CHG uses the ordinary gradient).
+        """
+        self._check_gates(gates, allow_batch=True)
+        with hf.use_gim_fused(self.model), hf.head_gates(gates), use_settings(None):
+            yield
+
+    register_mask_hooks = gating  # inteprelens name; no hooks are registered
+
+    def _check_gates(self, gates: Tensor, allow_batch: bool) -> None:
+        ok = gates.dim() == 2 or (allow_batch and gates.dim() == 3)
+        if not ok or tuple(gates.shape[-2:]) != self.mask_shape:
+            raise ValueError(
+                f"masks must have shape {self.mask_shape} or (num_masks, {self.num_layers}, {self.num_heads}), "
+                f"got {tuple(gates.shape)}"
+            )
+
+    def forward(self, input_ids: Tensor, masks: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits with head masks applied.
+
+        Args:
+            input_ids: ``(batch, seq)`` int64.
+            masks: gates in ``[0, 1]``: None, ``(L, H)`` or ``(num_masks, L, H)``.
+            attention_mask: optional ``(batch, seq)`` padding mask.
+
+        Returns:
+            ``(batch, seq, vocab)`` without masks or with a single ``(L, H)`` mask,
+            ``(batch, num_masks, seq, vocab)`` with several.
+        """
+        if masks is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        single = masks.dim() == 2
+        masks = masks.unsqueeze(0) if single else masks
+        self._check_gates(masks, allow_batch=True)
+        batch, num_masks = input_ids.shape[0], masks.shape[0]
+        ids = input_ids.repeat(num_masks, 1)
+        mask2d = None if attention_mask is None else attention_mask.repeat(num_masks, 1)
+        with self.gating(masks.repeat_interleave(batch, dim=0)):
+            logits = self.model(input_ids=ids, attention_mask=mask2d).logits
+        logits = logits.view(num_masks, batch, *logits.shape[1:]).transpose(0, 1)
+        return logits[:, 0] if single else logits
+
+    __call__ = forward
+
+    def token_logp(self, masks: Tensor, input_ids: Tensor, loss_masks: Tensor) -> Tensor:
+        """Log-probabilities of the target tokens, ``(num_masks, batch, seq)`` float32, 0 off-target.
+
+        ``masks`` are gates ``(num_masks, L, H)``. Logits are computed only at positions that
+        predict a target token of some row (``logits_to_keep``), in float32.
+        """
+        self._check_gates(masks, allow_batch=True)
+        if masks.dim() == 2:
+            masks = masks.unsqueeze(0)
+        if input_ids.shape != loss_masks.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_masks {tuple(loss_masks.shape)} differ")
+        batch, seq = input_ids.shape
+        num_masks = masks.shape[0]
+        loss_masks = loss_masks.to(torch.bool)
+        keep = loss_masks[:, 1:].any(dim=0).nonzero().flatten()  # positions p predicting token p + 1
+        ids = input_ids.repeat(num_masks, 1)
+        with self.gating(masks.repeat_interleave(batch, dim=0)):
+            logits = self.model(input_ids=ids, logits_to_keep=keep).logits
+        logp = F.log_softmax(_at_least_fp32(logits), dim=-1)
+        targets = input_ids[:, keep + 1].repeat(num_masks, 1)
+        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).view(num_masks, batch, -1)
+        out = picked.new_zeros(num_masks, batch, seq)
+        out[:, :, keep + 1] = picked
+        return out.masked_fill(~loss_masks.unsqueeze(0), 0.0)
+
+    def get_logp(
+        self,
+        masks: Tensor,
+        input_ids: Tensor,
+        loss_masks: Tensor,
+        agg: Literal["none", "sum", "mean"] = "sum",
+        return_accuracy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Log-probability of the target tokens under the gated model (inteprelens' ``get_logp``).
+
+        Args:
+            masks: gates in ``[0, 1]``, ``(L, H)`` or ``(num_masks, L, H)``.
+            input_ids: ``(batch, seq)``; loss_masks: ``(batch, seq)`` bool, True at target tokens.
+            agg: ``"none"`` per token ``(..., seq - 1)`` (aligned with ``input_ids[:, 1:]``),
+                ``"sum"`` or ``"mean"`` over target tokens.
+            return_accuracy: also return the fraction of target tokens predicted by argmax.
+
+        Returns:
+            ``(batch, num_masks[, seq - 1])`` float32, without the mask axis for a single ``(L, H)`` mask.
+        """
+        if agg not in ("none", "sum", "mean"):
+            raise ValueError(f"agg must be 'none', 'sum' or 'mean', got {agg!r}")
+        single = masks.dim() == 2
+        if return_accuracy:
+            logits = _at_least_fp32(self.forward(input_ids[:, :-1], masks.unsqueeze(0) if single else masks))
+            targets = input_ids[:, 1:].unsqueeze(1)
+            tmask = loss_masks[:, 1:].to(torch.bool).unsqueeze(1)
+            logp = logits.log_softmax(-1).gather(-1, targets.expand(*logits.shape[:3]).unsqueeze(-1)).squeeze(-1)
+            logp = logp * tmask
+            correct = ((logits.argmax(-1) == targets) & tmask).sum(-1)
+            accuracy = correct / tmask.sum(-1).clamp(min=1)
+        else:
+            logp = self.token_logp(masks, input_ids, loss_masks)[..., 1:].permute(1, 0, 2)
+            tmask = loss_masks[:, 1:].to(torch.bool).unsqueeze(1)
+        if agg != "none":
+            logp = logp.sum(-1)
+            if agg == "mean":
+                logp = logp / tmask.sum(-1).clamp(min=1)
+        if single:
+            logp = logp[:, 0]
+        if not return_accuracy:
+            return logp
+        return logp, accuracy[:, 0] if single else accuracy
+
+
+# --------------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn ``requires_grad`` off for the model's parameters in the block (no weight gradients)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+class CHGTrainer:
+    """Learns CHG gate logits in three stages (see the module docstring); yields metrics per update.
+
+    Args:
+        model: a Hugging Face causal LM (any attention implementation; it is switched to
+            ``gim_fused`` while a batch runs). Its parameters get no gradient.
+        dataset: a :class:`CHGDataset`.
+        num_masks: masks learned at once (independent restarts); None for a single ``(L, H)`` mask.
+        mask_init_range: gates start uniform in this range.
+        batch_size: prompts per update (the model sees ``batch_size * num_masks`` rows).
+        l1_weight: lambda of the regularised stages (retention +l1_weight, removal -l1_weight).
+        l1_clamp: logits are clamped to ``[-l1_clamp, l1_clamp]`` inside the penalty.
+        lr, lr_end: Adam learning rate of the unregularised stage (linear decay to ``lr_end`` if given).
+        lr_reg, lr_reg_end: the same for the regularised stages.
+        gradient_accum_steps: micro-batches per update.
+        grad_norm: per-mask gradient-norm clip (None: no clipping). Clipping each mask on its own
+            keeps the masks independent.
+        seed: seeds the gate initialisation and the batch order (None: global RNG).
+        l1_reduction: ``"mean"`` (default, as the reference CHG code: the pressure per head does not
+            grow with the number of heads) or ``"sum"`` over the ``(L, H)`` clamped logits.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: CHGDataset,
+        num_masks: int | None = None,
+        mask_init_range: tuple[float, float] = (0.0, 1.0),
+        batch_size: int = 32,
+        l1_weight: float = 0.1,
+        l1_clamp: float = 4.0,
+        lr: float = 1.0,
+        lr_end: float | None = None,
+        lr_reg: float = 1.0,
+        lr_reg_end: float | None = None,
+        gradient_accum_steps: int = 1,
+        grad_norm: float | None = 1.0,
+        adapter: Any = None,
+        device: str | None = None,
+        seed: int | None = None,
+        l1_reduction: Literal["mean", "sum"] = "mean",
+    ):
+        if not isinstance(dataset, CHGDataset):
+            raise TypeError(f"dataset must be a CHGDataset (e.g. CHGDataset.from_texts), got {type(dataset).__name__}")
+        if batch_size < 1 or gradient_accum_steps < 1:
+            raise ValueError(f"batch_size and gradient_accum_steps must be >= 1, got {batch_size}, "
+                             f"{gradient_accum_steps}")
+        if l1_clamp <= 0 or lr <= 0 or lr_reg <= 0:
+            raise ValueError("l1_clamp, lr and lr_reg must be > 0")
+        if l1_reduction not in ("mean", "sum"):
+            raise ValueError(f"l1_reduction must be 'mean' or 'sum', got {l1_reduction!r}")
+        self.l1_reduction = l1_reduction
+        self.masked_model = CHG(model, adapter=adapter)
+        self.model = model
+        self.dataset = dataset
+        self.single_mask = num_masks is None
+        self.num_masks = 1 if num_masks is None else num_masks
+        self.batch_size, self.l1_weight, self.l1_clamp = batch_size, float(l1_weight), float(l1_clamp)
+        self.lr, self.lr_end, self.lr_reg, self.lr_reg_end = lr, lr_end, lr_reg, lr_reg_end
+        self.gradient_accum_steps, self.grad_norm = gradient_accum_steps, grad_norm
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.mask_logits = self.masked_model.create_masks(self.num_masks, mask_init_range, generator=generator)
+        self.mask_logits_retention: nn.Parameter | None = None
+        self.mask_logits_removal: nn.Parameter | None = None
+        self.iterator = dataset.to_iterator(batch_size, shuffle=True, seed=seed)
+        del device  # the masks live on the model's device
+
+    def stage_parameter(self, stage: str) -> nn.Parameter:
+        """The logits ``(num_masks, L, H)`` trained by ``stage``; the regularised ones start from stage ``none``."""
+        stage = canonical_stage(stage)
+        if stage == "none":
+            return self.mask_logits
+        attr = f"mask_logits_{stage}"
+        if getattr(self, attr) is None:
+            setattr(self, attr, nn.Parameter(self.mask_logits.detach().clone()))
+        return getattr(self, attr)
+
+    def stage_lambda(self, stage: str) -> float:
+        """lambda of ``stage``: 0, +l1_weight (retention, gates pushed to 1), -l1_weight (removal, to 0)."""
+        return {"none": 0.0, "retention": self.l1_weight, "removal": -self.l1_weight}[canonical_stage(stage)]
+
+    def loss(self, logits: Tensor, batch: dict[str, Tensor], lam: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-mask ``(loss, nll, penalty)``, each ``(num_masks,)``.
+
+        nll is the mean over prompts of the mean negative log-prob of their target tokens;
+        penalty is ``lambda * mean(clamp(logits))`` over layers and heads (``sum`` with
+        ``l1_reduction="sum"``).
+        """
+        loss_masks = batch["loss_masks"]
+        token_logp = self.masked_model.token_logp(logits.sigmoid(), batch["input_ids"], loss_masks)
+        per_prompt = token_logp.sum(-1) / loss_masks.sum(-1).clamp(min=1)
+        nll = -per_prompt.mean(-1)
+        clamped = logits.clamp(-self.l1_clamp, self.l1_clamp)
+        penalty = lam * (clamped.mean(dim=(-2, -1)) if self.l1_reduction == "mean" else clamped.sum(dim=(-2, -1)))
+        return nll - penalty, nll, penalty
+
+    def _clip(self, logits: nn.Parameter) -> Tensor:
+        grad = logits.grad
+        norms = grad.flatten(1).norm(dim=1)
+        if self.grad_norm is not None:
+            factor = (self.grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            grad.mul_(factor.view(-1, 1, 1))
+        return norms
+
+    def _optimizer(self, logits: nn.Parameter, stage: str, num_updates: int):
+        lr, lr_end = (self.lr, self.lr_end) if stage == "none" else (self.lr_reg, self.lr_reg_end)
+        optimizer = torch.optim.Adam([logits], lr=lr)
+        scheduler = None
+        if lr_end is not None:
+            scheduler = torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1.0, end_factor=lr_end / lr, total_iters=max(num_updates, 1))
+        return optimizer, scheduler
+
+    def _update(self, logits: nn.Parameter, lam: float) -> dict[str, Any]:
+        nll_sum = torch.zeros(self.num_masks)
+        penalty = torch.zeros(self.num_masks)
+        for _ in range(self.gradient_accum_steps):
+            loss, nll, pen = self.loss(logits, next(self.iterator), lam)
+            (loss.sum() / self.gradient_accum_steps).backward()
+            nll_sum += nll.detach().float().cpu() / self.gradient_accum_steps
+            penalty = pen.detach().float().cpu()
+        norms = self._clip(logits)
+        return {"nll_per_mask": nll_sum.tolist(), "nll": float(nll_sum.mean()), "L1": float(penalty.mean()),
+                "grad_norm": float(norms.mean())}
+
+    def fit_stage(
+        self,
+        stage: str,
+        num_updates: int,
+        show_progress: bool = True,
+        callback: Callable[[Tensor, dict[str, Any]], None] | None = None,
+    ) -> Generator[tuple[Tensor, dict[str, Any]], None, None]:
+        """Train one stage; after each update yield ``(gates, metrics)``.
+
+        ``gates`` is ``sigmoid(logits)`` on the CPU, ``(L, H)`` for a single mask else ``(num_masks, L, H)``.
+        ``metrics`` has ``regularization`` (the stage), ``num_update``, ``nll`` (mean over masks),
+        ``nll_per_mask``, ``L1`` (the penalty ``lambda * mean(clamp(logits))``), ``lambda``, ``lr``,
+        ``grad_norm`` (before clipping), ``mean_gate``, ``frac_on`` (gates >= 0.5) and ``seconds``.
+        """
+        from tqdm.auto import tqdm
+
+        stage = canonical_stage(stage)
+        if num_updates < 0:
+            raise ValueError(f"num_updates must be >= 0, got {num_updates}")
+        logits, lam = self.stage_parameter(stage), self.stage_lambda(stage)
+        optimizer, scheduler = self._optimizer(logits, stage, num_updates)
+        with _frozen_parameters(self.model), hf.use_gim_fused(self.model):  # switched once per stage
+            bar = tqdm(range(num_updates), desc=f"CHG {stage}", disable=not show_progress, leave=False)
+            for update in bar:
+                start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                metrics = self._update(logits, lam)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                gates = logits.detach().sigmoid().cpu()
+                metrics = {"regularization": stage, "num_update": update + 1, **metrics, "lambda": lam, "lr": lr,
+                           "mean_gate": float(gates.mean()), "frac_on": float((gates >= 0.5).float().mean()),
+                           "seconds": time.perf_counter() - start}
+                bar.set_postfix(nll=f"{metrics['nll']:.3f}", on=f"{metrics['frac_on']:.2f}")
+                mask = gates[0] if self.single_mask else gates
+                if callback is not None:
+                    callback(mask, metrics)
+                yield mask, metrics
+
+    def fit(
+        self,
+        num_updates: int = 500,
+        num_reg_updates: int = 500,
+        save_path: str | Path | None = None,
+        verbose: bool = True,
+        callback: Callable[[Tensor, dict[str, Any]], None] | None = None,
+    ) -> Generator[tuple[Tensor, dict[str, Any]], None, None]:
+        """All three stages: ``none`` (num_updates), then ``retention`` and ``removal`` (num_reg_updates each).
+
+        Yields ``(gates, metrics)`` per update as :meth:`fit_stage`. ``save_path`` (a directory)
+        receives the results so far (:meth:`CHGResults.save`) after each stage.
+        """
+        history: dict[str, list[Tensor]] = {stage: [] for stage in STAGES}
+        metrics_log: list[dict[str, Any]] = []
+        for stage, count in zip(STAGES, (num_updates, num_reg_updates, num_reg_updates)):
+            for mask, metrics in self.fit_stage(stage, count, show_progress=verbose, callback=callback):
+                history[stage].append(mask)
+                metrics_log.append(metrics)
+                yield mask, metrics
+            if save_path is not None:
+                self.results(history, metrics_log).save(save_path)
+
+    def results(self, history: dict[str, list[Tensor]], metrics: list[dict[str, Any]]) -> CHGResults:
+        """:class:`CHGResults` from the gates yielded per stage."""
+        masks = {stage: torch.stack(items) for stage, items in history.items() if items}
+        config = {"num_layers": self.masked_model.num_layers, "num_heads": self.masked_model.num_heads,
+                  "model_class": type(self.model).__name__, "num_masks": self.num_masks,
+                  "l1_weight": self.l1_weight, "l1_clamp": self.l1_clamp, "lr": self.lr, "lr_reg": self.lr_reg,
+                  "batch_size": self.batch_size, "grad_norm": self.grad_norm}
+        return CHGResults(masks=masks, metrics=metrics, model_config=config)
+
+    def get_final_masks(self) -> dict[str, Tensor | None]:
+        """Final gates per stage (``unregularized``, ``retention``, ``removal``); None for a stage not run."""
+        def gates(p: Tensor | None) -> Tensor | None:
+            if p is None:
+                return None
+            g = p.detach().sigmoid().cpu()
+            return g[0] if self.single_mask else g
+        return {"unregularized": gates(self.mask_logits), "retention": gates(self.mask_logits_retention),
+                "removal": gates(self.mask_logits_removal)}
+
+
+# --------------------------------------------------------------------------- results
+
+
+def classify_heads(retention: Tensor, removal: Tensor, threshold: float) -> list[list[str]]:
+    """Taxonomy label per head from ``(L, H)`` retention and removal gates (module docstring rules)."""
+    on_ret, on_rem = retention >= threshold, removal >= threshold
+    labels = []
+    for layer in range(retention.shape[0]):
+        row = []
+        for head in range(retention.shape[1]):
+            s, r = bool(on_ret[layer, head]), bool(on_rem[layer, head])
+            row.append("facilitating" if r and s else "ambiguous" if r else "irrelevant" if s else "interfering")
+        labels.append(row)
+    return labels
+
+
+@dataclass
+class CHGResults:
+    """Gates from a CHG fit and the analyses on them (inteprelens' ``CHGResults`` API).
+
+    Attributes:
+        masks: stage (``"none"``, ``"retention"``, ``"removal"``) -> gates per update,
+            ``(num_updates, num_masks, L, H)`` or ``(num_updates, L, H)`` for a single mask, float32.
+        metrics: the per-update metric dicts yielded by :class:`CHGTrainer`.
+        model_config: ``num_layers``, ``num_heads``, ``model_class`` and the training settings.
+        threshold: default gate threshold for "on" (0.5).
+    """
+
+    masks: dict[str, Tensor]
+    metrics: list[dict[str, Any]] | None = None
+    model_config: dict[str, Any] | None = None
+    threshold: float = 0.5
+    _single: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        masks = {canonical_stage(k): v for k, v in self.masks.items() if v is not None}
+        if not masks:
+            raise ValueError("CHGResults needs the gates of at least one stage")
+        dims = {v.dim() for v in masks.values()}
+        if len(dims) != 1 or dims.pop() not in (3, 4):
+            raise ValueError("masks must all be (updates, L, H) or all (updates, num_masks, L, H)")
+        self._single = next(iter(masks.values())).dim() == 3
+        self.masks = {k: v.detach().float().cpu() for k, v in masks.items()}
+
+    # ---- shapes
+    def _first(self) -> Tensor:
+        return next(iter(self.masks.values()))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._first().shape[-2])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self._first().shape[-1])
+
+    @property
+    def num_masks(self) -> int | None:
+        """Number of masks, None for a single-mask fit (inteprelens convention)."""
+        return None if self._single else int(self._first().shape[1])
+
+    def final_masks(self, stage: str) -> Tensor:
+        """Final gates of ``stage`` as ``(num_masks, L, H)`` (num_masks = 1 for a single-mask fit)."""
+        stage = canonical_stage(stage)
+        if stage not in self.masks:
+            raise ValueError(f"no gates for stage {stage!r}; this result has {', '.join(self.masks)}")
+        final = self.masks[stage][-1]
+        return final.unsqueeze(0) if self._single else final
+
+    def _select(self, stage: str, mask_idx: int | None) -> Tensor:
+        final = self.final_masks(stage)
+        if mask_idx is None:
+            return final.mean(0)
+        if not -final.shape[0] <= mask_idx < final.shape[0]:
+            raise IndexError(f"mask_idx {mask_idx} out of range for {final.shape[0]} masks")
+        return final[mask_idx]
+
+    def _threshold(self, threshold: float | None) -> float:
+        value = self.threshold if threshold is None else float(threshold)
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {value}")
+        return value
+
+    @staticmethod
+    def _heads(gates: Tensor, threshold: float) -> list[tuple[int, int]]:
+        return [(int(layer), int(head)) for layer, head in (gates >= threshold).nonzero().tolist()]
+
+    # ---- head sets
+    def necessary_heads(self, threshold: float | None = None, mask_idx: int | None = None) -> list[tuple[int, int]]:
+        """Facilitating heads: ``(layer, head)`` whose removal-stage gate stays >= threshold.
+
+        With several masks the gates are averaged unless ``mask_idx`` picks one.
+        """
+        return self._heads(self._select("removal", mask_idx), self._threshold(threshold))
+
+    def sufficient_heads(self, threshold: float | None = None, mask_idx: int | None = None) -> list[tuple[int, int]]:
+        """Heads on under retention pressure: every head except the interfering ones.
+
+        This is the largest set of heads the task tolerates (facilitating + irrelevant).
+        """
+        return self._heads(self._select("retention", mask_idx), self._threshold(threshold))
+
+    def head_taxonomy(self, threshold: float | None = None, mask_idx: int | None = None):
+        """One row per head: ``layer, head, retention_mask, removal_mask, taxonomy, agreement``.
+
+        ``retention_mask`` / ``removal_mask`` are the final gates (mean over masks unless
+        ``mask_idx``); ``taxonomy`` classifies those; ``agreement`` is the fraction of the individual
+        masks whose own label equals it (1.0 for a single mask). ``necessary_mask`` (= removal) and
+        ``sufficient_mask`` (= retention) repeat them under inteprelens' column names.
+        """
+        import pandas as pd
+
+        t = self._threshold(threshold)
+        retention, removal = self._select("retention", mask_idx), self._select("removal", mask_idx)
+        labels = classify_heads(retention, removal, t)
+        if mask_idx is None:
+            each = [classify_heads(s, r, t) for s, r in zip(self.final_masks("retention"), self.final_masks("removal"))]
+        else:
+            each = [labels]
+        records = []
+        for layer in range(self.num_layers):
+            for head in range(self.num_heads):
+                label = labels[layer][head]
+                agree = sum(m[layer][head] == label for m in each) / len(each)
+                records.append({"layer": layer, "head": head, "retention_mask": float(retention[layer, head]),
+                                "removal_mask": float(removal[layer, head]), "taxonomy": label, "agreement": agree,
+                                "necessary_mask": float(removal[layer, head]),
+                                "sufficient_mask": float(retention[layer, head])})
+        return pd.DataFrame.from_records(records)
+
+    def get_facilitating_mask(self, threshold: float | None = None, mask_idx: int | None = None) -> Tensor:
+        """``(L, H)`` float32: 1.0 at facilitating heads, 0.0 elsewhere (usable as gates / ``head_mask``)."""
+        t = self._threshold(threshold)
+        retention, removal = self._select("retention", mask_idx), self._select("removal", mask_idx)
+        return ((removal >= t) & (retention >= t)).float()
+
+    def to_dataframe(self, stage: str = "removal", include_all_updates: bool = False):
+        """Long format: ``update, [mask_idx,] layer, head, value`` for the gates of ``stage``."""
+        import pandas as pd
+
+        stage = canonical_stage(stage)
+        if stage not in self.masks:
+            raise ValueError(f"no gates for stage {stage!r}; this result has {', '.join(self.masks)}")
+        gates = self.masks[stage]
+        first = 0 if include_all_updates else gates.shape[0] - 1
+        gates = gates[first:]
+        if self._single:
+            gates = gates.unsqueeze(1)
+        index = torch.cartesian_prod(*(torch.arange(n) for n in gates.shape))
+        frame = pd.DataFrame(index.numpy(), columns=["update", "mask_idx", "layer", "head"])
+        frame["update"] += first
+        frame["value"] = gates.flatten().numpy()
+        return frame.drop(columns="mask_idx") if self._single else frame
+
+    def summary(self, threshold: float | None = None) -> dict[str, Any]:
+        """Counts and percentages of necessary / sufficient heads, taxonomy counts, agreement, final NLLs."""
+        t = self._threshold(threshold)
+        total = self.num_layers * self.num_heads
+        out: dict[str, Any] = {"num_layers": self.num_layers, "num_heads": self.num_heads, "total_heads": total,
+                               "num_masks": self.num_masks or 1, "threshold": t}
+        if "retention" in self.masks and "removal" in self.masks:
+            necessary, sufficient = self.necessary_heads(t), self.sufficient_heads(t)
+            taxonomy = self.head_taxonomy(t)
+            counts = taxonomy["taxonomy"].value_counts().to_dict()
+            out.update({"num_necessary": len(necessary), "num_sufficient": len(sufficient),
+                        "pct_necessary": 100.0 * len(necessary) / total,
+                        "pct_sufficient": 100.0 * len(sufficient) / total,
+                        "taxonomy_counts": {k: int(counts.get(k, 0)) for k in TAXONOMY},
+                        "mean_agreement": float(taxonomy["agreement"].mean())})
+        for stage in STAGES:
+            final = [m for m in self.metrics or [] if m.get("regularization") == stage]
+            if final:
+                out[f"final_nll_{stage}"] = final[-1]["nll"]
+        return out
+
+    # ---- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``chg_masks.safetensors`` (gates) and ``chg_results.json`` (metrics, config) into directory ``path``."""
+        from safetensors.torch import save_file
+
+        directory = Path(path)
+        if directory.suffix and directory.exists() and not directory.is_dir():
+            raise ValueError(f"CHGResults.save expects a directory, {directory} is a file")
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.masks.items()}, str(directory / "chg_masks.safetensors"))
+        meta = {"format": "fastgim-chg-1", "metrics": self.metrics, "model_config": self.model_config,
+                "threshold": self.threshold, "single_mask": self._single}
+        (directory / "chg_results.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path) -> CHGResults:
+        """Read a directory written by :meth:`save`; the gates and metrics come back bit for bit."""
+        from safetensors.torch import load_file
+
+        directory = Path(path)
+        tensors, meta_path = directory / "chg_masks.safetensors", directory / "chg_results.json"
+        if not tensors.is_file() or not meta_path.is_file():
+            raise FileNotFoundError(f"{directory} has no chg_masks.safetensors / chg_results.json (CHGResults.save)")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        masks = load_file(str(tensors))
+        ordered = {k: masks[k] for k in STAGES if k in masks}
+        return cls(masks=ordered, metrics=meta.get("metrics"), model_config=meta.get("model_config"),
+                   threshold=meta.get("threshold", 0.5))
+
+    def __repr__(self) -> str:
+        return (f"CHGResults(stages={list(self.masks)}, num_layers={self.num_layers}, num_heads={self.num_heads}, "
+                f"num_masks={self.num_masks or 1})")
+
+
+# --------------------------------------------------------------------------- attribution through a circuit
+
+
+def sentence_char_spans(document: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
+    """Character span of each sentence in ``document``, found in order (each after the previous one)."""
+    spans, cursor = [], 0
+    for i, sentence in enumerate(sentences):
+        text = sentence.strip()
+        if not text:
+            raise ValueError(f"sentence {i} is empty")
+        start = document.find(text, cursor)
+        if start < 0:
+            raise ValueError(f"sentence {i} ({text[:60]!r}) does not occur in the document after character "
+                             f"{cursor}; sentences must be verbatim substrings of the document, in order")
+        spans.append((start, start + len(text)))
+        cursor = start + len(text)
+    return spans
+
+
+def sentence_token_spans(document: str, sentences: Sequence[str], tokenizer: Any) -> tuple[Tensor, list[list[int]]]:
+    """Token ids of ``document`` (with special tokens) and, per sentence, the indices of its tokens.
+
+    A token belongs to a sentence when its character offsets overlap the sentence's span;
+    needs a tokenizer that returns offsets (a "fast" tokenizer).
+    """
+    encoding = tokenizer(document, add_special_tokens=True, return_offsets_mapping=True)
+    if "offset_mapping" not in encoding:
+        raise TypeError("locating sentences needs a fast tokenizer (return_offsets_mapping); load it with use_fast=True")
+    offsets = encoding["offset_mapping"]
+    members = []
+    for start, end in sentence_char_spans(document, sentences):
+        members.append([i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start])
+    return torch.tensor(encoding["input_ids"], dtype=torch.long), members
+
+
+class CausalCircuitAttribution:
+    """Sentence importance from GIM attribution restricted to a head circuit (inteprelens API).
+
+    The attribution is :func:`fastgim.explain` with ``head_mask`` = the circuit (the other heads
+    are gated to 0 in the fused attention op), so it measures how each input token drives the
+    summary through the facilitating heads only.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, enable_gradient_checkpointing: bool = False, **gim_kwargs: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.gim_kwargs = gim_kwargs
+        num_layers, num_heads = _head_counts(model)
+        self.mask_shape = (num_layers, num_heads)
+        del enable_gradient_checkpointing  # attribution needs no weight gradients; kept for API compatibility
+
+    def compute_token_scores(self, input_ids: Tensor, target_ids: Tensor, facilitating_mask: Tensor,
+                             use_full_target: bool = True) -> Tensor:
+        """GIM attribution ``(len(input_ids),)`` float32 of the summary tokens given the document.
+
+        The explained score is the summary's log-likelihood (teacher forced: the model reads the
+        document then the summary) with ``use_full_target``, else the log-probability of the first
+        summary token after the document.
+        """
+        from fastgim.explain import explain
+
+        mask = facilitating_mask.detach().float()
+        if tuple(mask.shape) != self.mask_shape:
+            raise ValueError(f"facilitating_mask must be (num_layers, num_heads) = {self.mask_shape}, "
+                             f"got {tuple(mask.shape)}")
+        device = _model_device(self.model)
+        input_ids, target_ids = input_ids.flatten().to(device), target_ids.flatten().to(device)
+        doc_len = input_ids.numel()
+        if not use_full_target:
+            target_ids = target_ids[:1]
+        ids = torch.cat([input_ids, target_ids[:-1]])
+        positions = torch.arange(doc_len - 1, ids.numel(), device=device)
+
+        def summary_logp(outputs: Any) -> Tensor:
+            logp = outputs.logits[:, positions].float().log_softmax(-1)
+            return logp.gather(-1, target_ids.view(1, -1, 1).expand(logp.shape[0], -1, 1)).sum(dim=(1, 2))
+
+        scores = explain(self.model, ids, target=summary_logp, tokenizer=self.tokenizer, head_mask=mask.to(device),
+                         **self.gim_kwargs)
+        return scores.detach().float().cpu().flatten()[:doc_len]
+
+    def compute_sentence_importance(
+        self,
+        document: str,
+        sentences: list[str],
+        summary: str,
+        facilitating_mask: Tensor,
+        spans: list[tuple[int, int]] | None = None,
+        use_full_target: bool = True,
+        aggregation: str = "mean",
+        max_input_tokens: int | None = None,
+        max_target_tokens: int | None = None,
+        normalize: bool = True,
+    ) -> Tensor:
+        """Importance of each sentence of ``document`` for producing ``summary``, ``(num_sentences,)`` float32.
+
+        Token scores (:meth:`compute_token_scores`) are aggregated per sentence (``"mean"``, ``"sum"``
+        or ``"max"``) over the tokens located via character offsets (or the given ``spans``: one
+        ``[start, end)`` token range per sentence, indices into the tokenised document). With ``normalize`` the scores are divided by the largest absolute
+        score. A sentence with no token left (truncation) gets NaN.
+        """
+        if aggregation not in ("mean", "sum", "max"):
+            raise ValueError(f"aggregation must be 'mean', 'sum' or 'max', got {aggregation!r}")
+        if not sentences:
+            raise ValueError("sentences is empty; give the document's sentences")
+        input_ids, members = sentence_token_spans(document, sentences, self.tokenizer)
+        if spans is not None:
+            if len(spans) != len(sentences):
+                raise ValueError(f"spans has {len(spans)} entries for {len(sentences)} sentences")
+            members = [list(range(int(start), int(end))) for start, end in spans]
+        if max_input_tokens is not None:
+            input_ids = input_ids[:max_input_tokens]
+        summary_text = summary if summary[:1].isspace() else " " + summary
+        target_ids = torch.tensor(_encode(self.tokenizer, summary_text, special=False), dtype=torch.long)
+        if max_target_tokens is not None:
+            target_ids = target_ids[:max_target_tokens]
+        if target_ids.numel() == 0:
+            raise ValueError(f"summary {summary!r} tokenizes to nothing; give a non-empty summary")
+        tokens = self.compute_token_scores(input_ids, target_ids, facilitating_mask, use_full_target)
+        reduce = {"mean": torch.mean, "sum": torch.sum, "max": torch.max}[aggregation]
+        out = torch.full((len(sentences),), float("nan"))
+        for i, idx in enumerate(members):
+            idx = [j for j in idx if j < tokens.numel()]
+            if idx:
+                out[i] = reduce(tokens[idx])
+        finite = out[torch.isfinite(out)]
+        if normalize and finite.numel() and finite.abs().max() > 0:
+            out = out / finite.abs().max()
+        return out
