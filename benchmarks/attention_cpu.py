@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import fastgim
 import torch
 import torch.nn.functional as F
+
+import fastgim
 from fastgim.settings import GIMSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention_cpu.json"

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import fastgim
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fastgim
 from fastgim.ops.attention import resolve_backend
 from fastgim.settings import AttentionGIM
 

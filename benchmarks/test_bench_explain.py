@@ -22,13 +22,14 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator
 
-import fastgim
 import pytest
 import torch
-from fastgim.checkpointing import checkpoint_layers
 from torch import nn
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+import fastgim
+from fastgim.checkpointing import checkpoint_layers
 
 SUITE = "explain"
 LENGTHS = {"cpu": (128, 512, 1024), "gpu": (1024, 4096, 16384, 32768)}

@@ -8,10 +8,11 @@ import importlib
 import math
 import threading
 
-import fastgim
 import pytest
 import torch
 from conftest import make_qkv, max_error
+
+import fastgim
 from fastgim.ops import attention_reference, attention_torch
 from fastgim.settings import AttentionGIM, GIMSettings, use_settings
 

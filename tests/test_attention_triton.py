@@ -20,8 +20,9 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import fastgim  # noqa: E402
 import pytest  # noqa: E402
+
+import fastgim  # noqa: E402
 from fastgim.ops import attention_reference as reference  # noqa: E402
 from fastgim.ops import attention_triton  # noqa: E402
 from fastgim.settings import AttentionGIM  # noqa: E402

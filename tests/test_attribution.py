@@ -6,13 +6,14 @@ import importlib.util
 import math
 from pathlib import Path
 
-import fastgim
 import pytest
 import torch
-from fastgim.attribution import GIM_RULE_METHODS, METHODS, attribute
-from fastgim.explain import explain as gim_explain
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import fastgim
+from fastgim.attribution import GIM_RULE_METHODS, METHODS, attribute
+from fastgim.explain import explain as gim_explain
 
 WORDS = (
     "<pad> <unk> <s> </s> the cat sat on mat . dog a is capital of france paris big red user assistant : "

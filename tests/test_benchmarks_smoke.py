@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import fastgim
 import pytest
 import torch
+
+import fastgim
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"

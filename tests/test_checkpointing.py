@@ -9,12 +9,13 @@ import inspect
 import os
 import platform
 
-import fastgim
 import pytest
 import torch
-from fastgim.checkpointing import checkpoint_layers, transformer_blocks
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+
+import fastgim
+from fastgim.checkpointing import checkpoint_layers, transformer_blocks
 
 
 def _model(dtype: torch.dtype = torch.float32, *, kv_heads: int = 2, layers: int = 3, hidden: int = 64,

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from test_attribution import tiny_llama, tiny_tokenizer
+
 from fastgim.attribution import attribute
 from fastgim.cli import main
 from fastgim.results import Attribution
-from test_attribution import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

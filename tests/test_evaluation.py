@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from test_attribution import TEXT, WORDS, tiny_llama, tiny_tokenizer
+
 from fastgim.attribution import attribute
 from fastgim.evaluation import evaluate
-from test_attribution import TEXT, WORDS, tiny_llama, tiny_tokenizer
 
 TEXTS = [TEXT, "the big dog sat on a red mat", "a cat ran"]
 

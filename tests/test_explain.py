@@ -6,8 +6,9 @@ import threading
 
 import pytest
 import torch
-from fastgim.explain import explain, resolve_baseline
 from reference_gim import VOCAB, build_model
+
+from fastgim.explain import explain, resolve_baseline
 
 _CACHE: dict[str, torch.nn.Module] = {}
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_gim import VOCAB, build_model
+from torch import nn
+
 from fastgim.explain import explain
 from fastgim.gim import GIM
 from fastgim.settings import current_settings
-from reference_gim import VOCAB, build_model
-from torch import nn
 
 _CACHE: dict[str, nn.Module] = {}
 

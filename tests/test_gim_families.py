@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_gim import FAMILIES, VOCAB, build_model, reference_explain
+
 from fastgim.explain import explain
 from fastgim.gim import GIM
-from reference_gim import FAMILIES, VOCAB, build_model, reference_explain
 
 OFF = dict(freeze_norm=False, softmax_temperature=None, q_scale=None, k_scale=None, v_scale=None, gate_scale=None,
            up_scale=None)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fastgim.results import Attribution, colour
 
 ROOT = Path(__file__).resolve().parents[1]
