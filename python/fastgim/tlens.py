@@ -88,7 +88,7 @@ def _temperature_hooks(model: Any, temperature: float) -> list[Any]:
         raise ValueError("softmax_temperature needs attn.hook_pattern hook points; this TL model has none")
     for block in getattr(model, "blocks", []):
         if getattr(getattr(block, "attn", None), "cfg", None) is not None and block.attn.cfg.use_attention_sinks:
-            raise NotImplementedError(
+            raise ValueError(
                 "softmax_temperature on TL models with attention sinks is not supported; pass softmax_temperature=None"
             )
     handles = []
