@@ -22,7 +22,13 @@ divides anything, and ``dgate = sum_rows rowsum(dP P)`` with the ungated ``dP`` 
 ``rowsum(dO * (P v))``). The backward recomputes ``P`` with the fused softmax kernel, which is
 cheaper on CPU than ``exp(S - LSE)`` and exact in float64 although the LSE is stored in float32;
 for ``T = 2``, ``P = P_T^2 / rowsum(P_T^2)`` saves a second softmax (the row normalisation is
-folded into ``dO`` and ``dgate``). Masks of every kind are applied
+folded into ``dO`` and ``dgate``). Without softcap, ``1 / T`` is folded into the queries that make
+the scores. For ``T = 2`` in float32 with no dead row, the backward skips the softmax altogether:
+``E = exp((S - LSE) / 2)`` from the forward's LSE (as ``exp2``, with ``log2(e) / 2`` folded into the
+queries and ``-LSE`` added inside the score matmul) gives ``P = E^2`` exactly and ``P_T = E / rowsum(E)``,
+whose row factor is folded into the ``(rows, D)`` operands of ``dQ`` and ``dK``. The forward of the
+plain float32 case (no mask, window or softcap) is PyTorch's fused CPU flash-attention kernel.
+Masks of every kind are applied
 as additive ``0 / -inf`` float tiles (bool kernels are slow on CPU). Score-sized temporaries live
 in a workspace reused by every block, capped by :data:`BLOCK_BUDGET_BYTES` (with at least
 :data:`MIN_BLOCK_ROWS` query rows per block).
@@ -175,10 +181,13 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _Masker:
     """Adds causality, the sliding window and the user's mask to one block of scores, in place."""
 
-    def __init__(self, plan: _Plan, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> None:
-        self.plan, self.dtype = plan, dtype
+    def __init__(
+        self, plan: _Plan, attention_mask: torch.Tensor | None, dtype: torch.dtype, factor: float = 1.0
+    ) -> None:
+        self.plan, self.dtype, self.factor = plan, dtype, factor  # factor: multiplies a float 4D mask
         self.padding: torch.Tensor | None = None  # (B, 1, 1, 1, Lk) additive
         self.dense: torch.Tensor | None = None  # (mb, Hkv | 1, mq, G | 1, Lk), bool or additive
+        self._causal_tiles: dict[tuple[int, int, int], torch.Tensor] = {}
         if attention_mask is None:
             return
         if attention_mask.dim() == 2:
@@ -197,7 +206,10 @@ class _Masker:
         if self.dense is not None:
             tile = self.dense if self.dense.shape[2] == 1 else self.dense[:, :, i0:i1]
             tile = tile[..., lo:hi]
-            s5.add_(_additive(tile, self.dtype) if tile.dtype == torch.bool else tile)
+            if tile.dtype == torch.bool:
+                s5.add_(_additive(tile, self.dtype))
+            else:
+                s5.add_(tile, alpha=self.factor)
         if self.padding is not None:
             s5.add_(self.padding[..., lo:hi])
         self._positions(s5, i0, i1, lo, hi)
@@ -205,6 +217,9 @@ class _Masker:
     def _positions(self, s5: torch.Tensor, i0: int, i1: int, lo: int, hi: int) -> None:
         """Causal / window masking, only over the key columns where some row of the block needs it."""
         plan = self.plan
+        if plan.causal and plan.window is None:
+            self._causal(s5, i0, i1, lo, hi)
+            return
         pos = torch.arange(i0, i1, device=s5.device)[:, None] + plan.offset  # (c, 1)
         if plan.causal:
             self._band(s5, pos, lo, max(i0 + plan.offset + 1, lo), hi, lambda keys: keys <= pos)
@@ -216,6 +231,20 @@ class _Masker:
                 start = max(i0 + plan.offset + window, lo)
                 self._band(s5, pos, lo, start, hi, lambda keys: keys < pos + window)
 
+    def _causal(self, s5: torch.Tensor, i0: int, i1: int, lo: int, hi: int) -> None:
+        """Causal masking alone; the band tile depends only on its shape and shift, so it is cached."""
+        start = max(i0 + self.plan.offset + 1, lo)
+        if start >= hi:
+            return
+        shift = i0 + self.plan.offset - start  # row r sees band columns c <= r + shift
+        key = (i1 - i0, hi - start, shift)
+        tile = self._causal_tiles.get(key)
+        if tile is None:
+            rows = torch.arange(i1 - i0, device=s5.device)[:, None] + shift
+            cols = torch.arange(hi - start, device=s5.device)[None, :]
+            tile = self._causal_tiles[key] = _additive(cols <= rows, self.dtype)[:, None, :]
+        s5[..., start - lo:hi - lo].add_(tile)
+
     def _band(self, s5, pos, lo, start, stop, allowed_fn) -> None:
         if start >= stop:
             return
@@ -226,13 +255,20 @@ class _Masker:
 
 def _block_scores(
     ws: _Workspace, qs: torch.Tensor, k3: torch.Tensor, masker: _Masker, block: tuple[int, int, int, int],
-    group: int, softcap: float | None,
+    group: int, softcap: float | None, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Masked scores ``(BH, rows, keys)`` of a block (workspace) and ``tanh(S_raw / softcap)`` (or None)."""
+    """Masked scores ``(BH, rows, keys)`` of a block (workspace) and ``tanh(S_raw / softcap)`` (or None).
+
+    ``bias``: ``(BH, Lq * G, 1)`` added to every score of a row inside the matmul (not with ``softcap``).
+    """
     i0, i1, lo, hi = block
-    q_rows = qs[:, i0 * group:i1 * group]
+    rows = slice(i0 * group, i1 * group)
+    q_rows = qs[:, rows]
     scores = ws.get("s", (qs.shape[0], q_rows.shape[1], hi - lo))
-    torch.bmm(q_rows, k3[:, lo:hi].transpose(1, 2), out=scores)
+    if bias is None:
+        torch.bmm(q_rows, k3[:, lo:hi].transpose(1, 2), out=scores)
+    else:
+        torch.baddbmm(bias[:, rows], q_rows, k3[:, lo:hi].transpose(1, 2), out=scores)
     tanh = None
     if softcap is not None:
         tanh = torch.div(scores, softcap, out=ws.get("tanh", scores.shape)).tanh_()
@@ -251,6 +287,31 @@ def _softmax_(scores: torch.Tensor, dead_rows: bool) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- forward
+
+
+def _fused_forward(q, k, v, attention_mask, gate, causal, scale, sliding_window, softcap):
+    """PyTorch's fused CPU flash-attention kernel for the plain float32 case, else None."""
+    batch, hq, lq, dim = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if (
+        q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != q.dtype or v.dtype != q.dtype
+        or attention_mask is not None or sliding_window is not None or softcap is not None
+        or v.shape[-1] != dim or (causal and lq != lk) or lq == 0 or lk == 0
+    ):
+        return None
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is None:
+        return None
+    group = hq // hkv
+    if group > 1:
+        k = k[:, :, None].expand(batch, hkv, group, lk, dim).reshape(batch, hq, lk, dim)
+        v = v[:, :, None].expand(batch, hkv, group, lk, dim).reshape(batch, hq, lk, dim)
+    out, lse = kernel(q, k, v, 0.0, bool(causal), attn_mask=None, scale=float(scale))
+    if gate is not None:
+        out = out * gate.to(out.dtype)[:, :, None, None]
+    out = out.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    return out, lse, q.new_empty(0), q.new_empty(0, dtype=torch.float32)
 
 
 def forward(
@@ -281,6 +342,9 @@ def forward(
         no GIM statistics, so ``o_t`` / ``lse_t`` are empty and ``temperature`` /
         ``want_gim_stats`` are unused.
     """
+    fused = _fused_forward(q, k, v, attention_mask, gate, causal, scale, sliding_window, softcap)
+    if fused is not None:
+        return fused
     dtype = _compute_dtype(q.dtype)
     plan = _make_plan(q, k, causal, sliding_window, dtype)
     group = plan.group
@@ -325,10 +389,11 @@ def _inverse_row_sums(x: torch.Tensor) -> torch.Tensor:
 
 
 def _probabilities(
-    ws: _Workspace, scores: torch.Tensor, temperature: float, dead_rows: bool
+    ws: _Workspace, scores: torch.Tensor, temperature: float, dead_rows: bool, divided: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(P', r, P_T)`` of a block's masked scores (overwritten): ``softmax(S) = r * P'`` row-wise
     (``r`` None means 1) and ``P_T = softmax(S / T)``. ``dead_rows``: some rows may see no key.
+    ``divided``: ``scores`` already holds ``S / T`` (the ``1 / T`` folded into the queries).
 
     For ``T = 2``, ``P' = P_T^2`` is proportional to ``exp(S)``; the caller folds the row factor
     ``r`` into the small ``(rows, D)`` operands instead of rescaling the block.
@@ -337,9 +402,12 @@ def _probabilities(
         probs = _softmax_(scores, dead_rows)
         return probs, None, probs
     if temperature == 2.0:
-        probs_t = _softmax_(scores.mul_(0.5), dead_rows)
+        probs_t = _softmax_(scores if divided else scores.mul_(0.5), dead_rows)
         probs = torch.mul(probs_t, probs_t, out=ws.get("p", scores.shape))
         return probs, _inverse_row_sums(probs), probs_t
+    if divided:
+        probs = _softmax_(torch.mul(scores, temperature, out=ws.get("p", scores.shape)), dead_rows)
+        return probs, None, _softmax_(scores, dead_rows)
     probs = _softmax_(ws.get("p", scores.shape).copy_(scores), dead_rows)
     return probs, None, _softmax_(scores.div_(temperature), dead_rows)
 
@@ -369,8 +437,8 @@ def backward(
 
     Args:
         dout: ``(B, Hq, Lq, Dv)`` gradient of ``out``, any strides. q, k, v and ``out`` as given to /
-            returned by :func:`forward` (of ``lse`` only its ``-inf`` rows are used; ``o_t`` and
-            ``lse_t`` are not needed). ``temperature``
+            returned by :func:`forward` (``lse`` must be the forward's: its ``-inf`` rows are used, and
+            for ``T = 2`` in float32 its values; ``o_t`` and ``lse_t`` are not needed). ``temperature``
             and the scales are the GIM rules (1 = ordinary gradient); the other keywords must match
             the forward call.
 
@@ -399,12 +467,33 @@ def backward(
     dv_t = torch.zeros((v3.shape[0], v3.shape[2], v3.shape[1]), dtype=dtype, device=q.device)
     dgate_rows = None if gate is None else torch.zeros(qs.shape[:2], dtype=dtype, device=q.device)
     dead_rows = bool(torch.isneginf(lse).any())  # rows that saw no key in the forward
-    ws, masker = _Workspace(dtype, q.device), _Masker(plan, attention_mask, dtype)
+    # Without softcap, 1 / T is folded into the queries that make the scores: S / T with no pass.
+    divided = softcap is None and temperature != 1.0
+    # T = 2 in float32 with every row alive: E = exp(S / 2 - LSE / 2) needs no softmax, E^2 = P exactly
+    # and P_T = E / rowsum(E); that row factor goes to the small dQ rows and q_u rows, not the block.
+    # E is computed as 2^x (a much faster kernel than exp), x = log2(e) (S - LSE) / 2, with log2(e) / 2
+    # folded into the queries and -log2(e) LSE / 2 added inside the score matmul.
+    bias = None
+    factor = 1.0 / temperature if divided else 1.0
+    if divided and temperature == 2.0 and dtype == torch.float32 and not dead_rows:
+        factor = 0.5 / math.log(2.0)
+        bias = _to_rows(lse.unsqueeze(-1), hkv, dtype).mul_(-factor)
+    q_scores = qs * factor if factor != 1.0 else qs
+    ws = _Workspace(dtype, q.device)
+    masker = _Masker(plan, attention_mask, dtype, factor)
     for block in plan.blocks():
         i0, i1, lo, hi = block
         rows = slice(i0 * group, i1 * group)
-        scores, tanh = _block_scores(ws, qs, k3, masker, block, group, softcap)
-        probs, row_factor, probs_t = _probabilities(ws, scores, temperature, dead_rows)
+        scores, tanh = _block_scores(ws, q_scores, k3, masker, block, group, softcap, bias)
+        t_factor = None  # P_T = t_factor * probs_t row-wise (None means 1)
+        if bias is not None:
+            probs_t = scores.exp2_()
+            # Without a gate, P shares dP's buffer: it is dead once dV is accumulated, before dP exists.
+            p_name = "p" if dgate_rows is not None else "dp"
+            probs, row_factor = torch.mul(probs_t, probs_t, out=ws.get(p_name, scores.shape)), None
+            t_factor = probs_t.sum(dim=-1, keepdim=True).reciprocal_()
+        else:
+            probs, row_factor, probs_t = _probabilities(ws, scores, temperature, dead_rows, divided)
         do_rows = do_u[:, rows] if row_factor is None else do_u[:, rows] * row_factor
         dv_t[:, :, lo:hi].baddbmm_(do_rows.transpose(1, 2), probs)
         dprobs = torch.bmm(do[:, rows], v3[:, lo:hi].transpose(1, 2), out=ws.get("dp", probs.shape))
@@ -412,16 +501,24 @@ def backward(
             row_dot = _row_dot(dprobs, probs, ws)
             dgate_rows[:, rows] = (row_dot if row_factor is None else row_dot * row_factor).squeeze(-1)
         if delta is not None:
-            row_delta = delta[:, rows]
+            dscores = dprobs.sub_(delta[:, rows]).mul_(probs_t)
         elif dgate_rows is not None and probs_t is probs:
-            row_delta = row_dot
+            dscores = dprobs.sub_(row_dot).mul_(probs_t)
         else:
-            row_delta = _row_dot(dprobs, probs_t, ws)
-        dscores = dprobs.sub_(row_delta).mul_(probs_t)
+            # P_T dP - rowsum(P_T dP) P_T: two passes over the block, then the row sums.
+            dprobs.mul_(probs_t)
+            row_delta = dprobs.sum(dim=-1, keepdim=True)
+            if t_factor is not None:
+                row_delta.mul_(t_factor)
+            dscores = dprobs.addcmul_(probs_t, row_delta, value=-1.0)
         if tanh is not None:
             dscores.mul_(tanh.mul_(tanh).neg_().add_(1.0))
         torch.bmm(dscores, k3[:, lo:hi], out=dq[:, rows])
-        dk_t[:, :, lo:hi].baddbmm_(q_u[:, rows].transpose(1, 2), dscores)
+        q_rows = q_u[:, rows]
+        if t_factor is not None:  # dS = t_factor * dscores
+            dq[:, rows].mul_(t_factor)
+            q_rows = q_rows * t_factor
+        dk_t[:, :, lo:hi].baddbmm_(q_rows.transpose(1, 2), dscores)
     dq.mul_(scale * q_scale)
     if gate_rows is not None:
         _group_view(dq, group).mul_(gate_rows)
