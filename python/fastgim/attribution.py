@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim.params import no_parameter_grads
 from fastgim.results import Attribution
 
 __all__ = ["Attribution", "attribute", "METHODS", "GIM_RULE_METHODS", "PreparedInputs", "Target"]
@@ -399,15 +400,11 @@ def embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _attribution_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients for the block; both restored afterwards."""
     was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
     try:
-        yield
+        with no_parameter_grads(model):
+            yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
         model.train(was_training)
 
 

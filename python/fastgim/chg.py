@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgim import hf
+from fastgim.params import no_parameter_grads
 from fastgim.settings import use_settings
 
 STAGES = ("none", "retention", "removal")
@@ -419,17 +420,6 @@ class CHG:
 # --------------------------------------------------------------------------- training
 
 
-@contextlib.contextmanager
-def _frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Turn ``requires_grad`` off for the model's parameters in the block (no weight gradients)."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 class CHGTrainer:
@@ -578,7 +568,7 @@ class CHGTrainer:
             raise ValueError(f"num_updates must be >= 0, got {num_updates}")
         logits, lam = self.stage_parameter(stage), self.stage_lambda(stage)
         optimizer, scheduler = self._optimizer(logits, stage, num_updates)
-        with _frozen_parameters(self.model), hf.use_gim_fused(self.model):  # switched once per stage
+        with no_parameter_grads(self.model), hf.use_gim_fused(self.model):  # switched once per stage
             bar = tqdm(range(num_updates), desc=f"CHG {stage}", disable=not show_progress, leave=False)
             for update in bar:
                 start = time.perf_counter()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fastgim.adapters import ModelAdapter, get_adapter
+from fastgim.params import no_parameter_grads
 from fastgim.settings import GIMSettings
 from fastgim.tracing import position_ids_from_mask, target_positions
 
@@ -108,16 +109,6 @@ def _gim_context(model: nn.Module, gim: Any) -> contextlib.AbstractContextManage
     return GIM(model, **dataclasses.asdict(gim))
 
 
-@contextlib.contextmanager
-def _frozen_parameters(model: nn.Module) -> Iterator[None]:
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +196,7 @@ def _clean_pass(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, metric:
                 edges: bool) -> tuple[_Recorder, float]:
     adapter = get_adapter(model)
     rec = _Recorder(adapter, grads=True, edges=edges)
-    with _frozen_parameters(model), torch.enable_grad(), _gim_context(model, gim):
+    with no_parameter_grads(model), torch.enable_grad(), _gim_context(model, gim):
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         logits = _run(model, rec, ids, mask, embeds)
         value = metric(logits)

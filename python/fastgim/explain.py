@@ -22,6 +22,7 @@ from torch import nn
 
 from fastgim.checkpointing import checkpoint_layers
 from fastgim.gim import GIM, is_hooked_transformer
+from fastgim.params import no_parameter_grads
 from fastgim.settings import (
     DEFAULT_GATE_SCALE,
     DEFAULT_K_SCALE,
@@ -130,18 +131,6 @@ def resolve_baseline(baseline_token_id: int | None, tokenizer: Any, vocab: int) 
         "the tokenizer has no single-token space, pad or unk token in the model's vocabulary; "
         "pass baseline_token_id explicitly"
     )
-
-
-@contextlib.contextmanager
-def _no_parameter_grads(model: nn.Module):
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _scores(
@@ -269,7 +258,7 @@ def explain(
         )
     gim = GIM(model, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
               k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale)
-    with torch.enable_grad(), _no_parameter_grads(model), gim, _head_mask(head_mask), \
+    with torch.enable_grad(), no_parameter_grads(model), gim, _head_mask(head_mask), \
             checkpoint_layers(model, enabled=checkpoint):
         with torch.no_grad():
             base = embeddings(torch.full_like(ids, baseline))

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim.mlp_patching import scale_gradient
+from fastgim.params import no_parameter_grads
 from fastgim.settings import GIMSettings
 from fastgim.tracing import target_positions
 
@@ -34,19 +36,6 @@ __all__ = ["is_tlens_model", "gim_context", "GIM", "explain_tlens", "infer_basel
 def is_tlens_model(model: Any) -> bool:
     """True for TransformerLens hooked models (anything with ``hook_dict`` and ``run_with_hooks``)."""
     return isinstance(getattr(model, "hook_dict", None), dict) and hasattr(model, "run_with_hooks")
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by ``scale``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
 
 
 class _TemperedSoftmaxGrad(torch.autograd.Function):
@@ -78,7 +67,7 @@ def _hook_points(model: Any, suffix: str) -> list[tuple[str, nn.Module]]:
 
 
 def _scale_hook(scale: float) -> Callable:
-    return lambda _module, _inputs, output: _ScaleGrad.apply(output, scale)
+    return lambda _module, _inputs, output: scale_gradient(output, scale)
 
 
 def _temperature_hooks(model: Any, temperature: float) -> list[Any]:
@@ -240,23 +229,16 @@ def explain_tlens(
         baseline = model.embed(torch.full_like(ids, int(baseline_token_id)))
     clean = model.embed(ids).detach().requires_grad_(True)
     kwargs = {} if mask is None else {"attention_mask": mask.long()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad(), gim_context(model, settings):
-            logits = model.run_with_hooks(ids, fwd_hooks=[("hook_embed", lambda _t, hook: clean)], **kwargs)
-            rows = torch.arange(ids.shape[0], device=logits.device)
-            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
-            picked = logits[rows, target_positions(real, target_position)]
-            target = _targets(picked.detach(), target_token_id, "target_token_id")
-            objective = picked[rows, target]
-            if contrast_token_id is not None:
-                objective = objective - picked[rows, _targets(picked.detach(), contrast_token_id, "contrast_token_id")]
-            (grad,) = torch.autograd.grad(objective.sum(), clean)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    with no_parameter_grads(model), torch.enable_grad(), gim_context(model, settings):
+        logits = model.run_with_hooks(ids, fwd_hooks=[("hook_embed", lambda _t, hook: clean)], **kwargs)
+        rows = torch.arange(ids.shape[0], device=logits.device)
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
+        picked = logits[rows, target_positions(real, target_position)]
+        target = _targets(picked.detach(), target_token_id, "target_token_id")
+        objective = picked[rows, target]
+        if contrast_token_id is not None:
+            objective = objective - picked[rows, _targets(picked.detach(), contrast_token_id, "contrast_token_id")]
+        (grad,) = torch.autograd.grad(objective.sum(), clean)
     scores = (grad.float() * (clean.detach().float() - baseline.float())).sum(dim=-1)
     if mask is not None:
         scores = scores.masked_fill(~mask, 0.0)

@@ -1,0 +1,25 @@
+"""Switching parameters' gradients off for attribution and gate training."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def no_parameter_grads(model: nn.Module) -> Iterator[None]:
+    """``requires_grad`` off for every parameter of ``model`` in the block; each flag restored after, errors included.
+
+    Attribution needs gradients for activations only; skipping the weight gradients saves their
+    matmuls and memory.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
