@@ -193,6 +193,29 @@ def test_trainer_stage_signs_metrics_and_progress():
     assert all(p.requires_grad and p.grad is None for p in model.parameters())  # restored, no weight grads
 
 
+@pytest.mark.parametrize("nll_reduction", ["mean", "sum"])
+@pytest.mark.parametrize("l1_reduction", ["mean", "sum"])
+def test_loss_reductions(l1_reduction, nll_reduction):
+    model = make_model(seed=4)
+    data = CHGDataset.from_texts(PROMPTS, ANSWERS, make_tokenizer())
+    trainer = CHGTrainer(model, data, num_masks=2, batch_size=4, seed=0, l1_reduction=l1_reduction,
+                         nll_reduction=nll_reduction)
+    logits = torch.randn(2, 2, 4) * 3
+    batch = {"input_ids": data.input_ids[:4], "loss_masks": data.loss_masks[:4]}
+    loss, nll, penalty = trainer.loss(logits, batch, lam=0.3)
+    token_logp = CHG(model).token_logp(logits.sigmoid(), batch["input_ids"], batch["loss_masks"])
+    counts = batch["loss_masks"].sum(-1)
+    expected_nll = (-token_logp.sum(dim=(1, 2)) if nll_reduction == "sum"
+                    else -(token_logp.sum(-1) / counts).mean(-1))
+    clamped = logits.clamp(-4, 4).flatten(1)
+    expected_penalty = 0.3 * (clamped.sum(-1) if l1_reduction == "sum" else clamped.mean(-1))
+    torch.testing.assert_close(nll.detach(), expected_nll.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(penalty, expected_penalty)
+    torch.testing.assert_close(loss.detach(), (expected_nll - expected_penalty).detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="nll_reduction"):
+        CHGTrainer(model, data, nll_reduction="max")
+
+
 # --------------------------------------------------------------------------- results
 
 
