@@ -1,15 +1,20 @@
 """CPU benchmark: ``fastgim.explain`` vs gim-explain 0.1.4 on a Llama-shaped model.
 
 Model: 12 layers, hidden 768, 12 heads (4 KV heads), intermediate 2048, vocab 32000,
-random weights, fp32, 2 threads. Each (method, N) runs in a fresh subprocess so that
-peak memory (ru_maxrss above the resident size before the call) is not polluted by
-other runs. Time is the median of ``--repeats`` calls after one warm-up call.
+random weights, fp32, 2 threads.
+
+* Time: one subprocess per N holds both models (same weights) and alternates the calls
+  (fastgim, gim-explain, fastgim, ...) after a warm-up of each, so that the slow and fast
+  phases of a shared machine hit both methods alike; the ratio is the median over the
+  ``--repeats`` pairs of fastgim's time over gim-explain's in the same pair.
+* Peak memory: each (method, N) runs one call in a fresh subprocess (ru_maxrss above the
+  resident size before the call), so that nothing else pollutes it.
 
 gim-explain runs as published: on ``sdpa`` attention (its default), it applies only
 its Q/K/V rule to this model (its softmax patch never reaches SDPA, and its norm swap
 does not know LlamaRMSNorm), so fastgim does strictly more work here: every rule.
 
-usage: python benchmarks/explain_cpu.py [--lengths 512 2048] [--repeats 3] [--out FILE]
+usage: python benchmarks/explain_cpu.py [--lengths 512 2048] [--repeats 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+METHODS = ("fastgim", "gim-explain")
 
 
 def _rss_bytes() -> int:
@@ -47,19 +53,14 @@ def _build_model(attn_implementation: str):
     return model, config
 
 
-def run_one(method: str, length: int, repeats: int) -> dict:
-    """Runs in the child process: one method at one length."""
-    import torch
-
-    torch.set_num_threads(2)
+def _caller(method: str):
+    """``(call(ids), vocab size)`` for one method on its own copy of the model."""
     if method == "fastgim":
         import fastgim
 
         model, config = _build_model("gim_fused")
-
-        def call(ids):
-            return fastgim.explain(model, ids, baseline_token_id=0)
-    elif method == "gim-explain":
+        return (lambda ids: fastgim.explain(model, ids, baseline_token_id=0)), config.vocab_size
+    if method == "gim-explain":
         import gim
 
         model, config = _build_model("sdpa")
@@ -67,55 +68,91 @@ def run_one(method: str, length: int, repeats: int) -> dict:
         def call(ids):
             model.zero_grad(set_to_none=True)
             return gim.explain(model, ids, baseline_token_id=0)
-    else:
-        raise ValueError(method)
-    ids = torch.randint(1, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+
+        return call, config.vocab_size
+    raise ValueError(method)
+
+
+def _ids(length: int, vocab: int):
+    import torch
+
+    return torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(1))
+
+
+def run_memory(method: str, length: int) -> dict:
+    """In a fresh child process: the peak memory of one call."""
+    import torch
+
+    torch.set_num_threads(2)
+    call, vocab = _caller(method)
+    ids = _ids(length, vocab)
     before = _rss_bytes()
     call(ids)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    times = []
+    return {"method": method, "length": length, "peak_bytes": peak}
+
+
+def run_times(length: int, repeats: int) -> dict:
+    """In a child process: both methods' calls, alternated, after a warm-up call of each."""
+    import torch
+
+    torch.set_num_threads(2)
+    callers = {method: _caller(method) for method in METHODS}
+    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    for call, vocab in callers.values():
+        call(_ids(length, vocab))
     for _ in range(repeats):
-        start = time.perf_counter()
-        call(ids)
-        times.append(time.perf_counter() - start)
-    return {"method": method, "length": length, "seconds": statistics.median(times), "times": times,
-            "peak_bytes": peak}
+        for method, (call, vocab) in callers.items():
+            ids = _ids(length, vocab)
+            start = time.perf_counter()
+            call(ids)
+            times[method].append(time.perf_counter() - start)
+    ratios = [ours / theirs for ours, theirs in zip(times["fastgim"], times["gim-explain"])]
+    return {"length": length, "times": times, "pair_ratios": ratios}
 
 
-def _child(method: str, length: int, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--child", method, str(length), str(repeats)]
+def _child(*arguments: str) -> dict:
+    command = [sys.executable, __file__, "--child", *arguments]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        return {"method": method, "length": length, "error": result.stderr[-2000:]}
+        return {"arguments": list(arguments), "error": result.stderr[-2000:]}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _summary(length: int, timing: dict, memory: dict[str, dict]) -> dict:
+    row = {"length": length}
+    if "error" not in timing:
+        row["time_ratio"] = statistics.median(timing["pair_ratios"])
+        row["pair_ratios"] = timing["pair_ratios"]
+        row["seconds"] = {method: statistics.median(timing["times"][method]) for method in METHODS}
+        row["times"] = timing["times"]
+    if all("error" not in memory[method] for method in METHODS):
+        row["peak_bytes"] = {method: memory[method]["peak_bytes"] for method in METHODS}
+        row["peak_memory_ratio"] = memory["fastgim"]["peak_bytes"] / memory["gim-explain"]["peak_bytes"]
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "explain_cpu.json")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, length, repeats = args.child
-        print(json.dumps(run_one(method, int(length), int(repeats))))
+        kind, *rest = args.child
+        result = run_times(int(rest[0]), int(rest[1])) if kind == "times" else run_memory(rest[0], int(rest[1]))
+        print(json.dumps(result))
         return
     import torch
     import transformers
 
-    rows = [_child(method, length, args.repeats) for length in args.lengths for method in ("fastgim", "gim-explain")]
-    by_key = {(r["method"], r["length"]): r for r in rows}
-    ratios = []
+    rows, errors = [], []
     for length in args.lengths:
-        ours, theirs = by_key[("fastgim", length)], by_key[("gim-explain", length)]
-        if "error" in ours or "error" in theirs:
-            continue
-        ratios.append({
-            "length": length,
-            "time_ratio": ours["seconds"] / theirs["seconds"],
-            "peak_memory_ratio": ours["peak_bytes"] / theirs["peak_bytes"],
-        })
+        memory = {method: _child("memory", method, str(length)) for method in METHODS}
+        timing = _child("times", str(length), str(args.repeats))
+        errors += [r for r in (timing, *memory.values()) if "error" in r]
+        rows.append(_summary(length, timing, memory))
     report = {
         "benchmark": "explain_cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -123,20 +160,22 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "gim-explain": "0.1.4"},
         "model": "Llama-shaped: 12 layers, hidden 768, 12 heads / 4 KV heads, intermediate 2048, vocab 32000, fp32",
+        "method": f"time: median over {args.repeats} alternated (fastgim, gim-explain) pairs of the per-pair ratio; "
+                  "memory: one call per fresh process",
         "rows": rows,
-        "ratios_fastgim_over_gim_explain": ratios,
+        "errors": errors,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'N':>6} {'method':>12} {'time s':>9} {'peak MB':>9}")
+    for error in errors:
+        print(f"ERROR {error['arguments']}: {error['error'][-300:]}")
+    print(f"{'N':>6} {'fastgim s':>10} {'gim-explain s':>14} {'time ratio':>11} {'pairs':>28} {'memory ratio':>13}")
     for row in rows:
-        if "error" in row:
-            print(f"{row['length']:>6} {row['method']:>12}  ERROR {row['error'][-200:]}")
-            continue
-        print(f"{row['length']:>6} {row['method']:>12} {row['seconds']:>9.3f} {row['peak_bytes'] / 2**20:>9.1f}")
-    for ratio in ratios:
-        print(f"N={ratio['length']}: time {ratio['time_ratio']:.2f}x, peak memory {ratio['peak_memory_ratio']:.2f}x "
-              "(fastgim / gim-explain)")
+        seconds = row.get("seconds", {})
+        pairs = " ".join(f"{r:.2f}" for r in row.get("pair_ratios", []))
+        print(f"{row['length']:>6} {seconds.get('fastgim', float('nan')):>10.3f} "
+              f"{seconds.get('gim-explain', float('nan')):>14.3f} {row.get('time_ratio', float('nan')):>10.2f}x "
+              f"{pairs:>28} {row.get('peak_memory_ratio', float('nan')):>12.2f}x")
 
 
 if __name__ == "__main__":

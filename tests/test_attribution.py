@@ -112,10 +112,11 @@ def test_gradient_methods_match_autograd_reference(family, method, tok):
 def test_gim_equals_explain_and_rules_change_the_gradient(llama, tok):
     ids = ids_of(tok)
     gim = attribute(llama, ids, tokenizer=tok, method="gim")
-    torch.testing.assert_close(gim.scores, gim_explain(llama, ids, tokenizer=tok), rtol=1e-6, atol=1e-7)
+    # explain() skips the last block's unread rows (fastgim.pruning): same maths, fp32 rounding apart.
+    torch.testing.assert_close(gim.scores, gim_explain(llama, ids, tokenizer=tok), rtol=1e-5, atol=1e-6)
     contrast = attribute(llama, ids, tokenizer=tok, target=5, contrast="dog")
     want = gim_explain(llama, ids, tokenizer=tok, target_token_id=5, contrast_token_id=WORDS.index("dog"))
-    torch.testing.assert_close(contrast.scores, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(contrast.scores, want, rtol=1e-5, atol=1e-6)
     plain = attribute(llama, ids, tokenizer=tok, method="gradient_x_input").scores
     for method in GIM_RULE_METHODS[:3]:  # the MLP rule matters too but less on a random model
         rule = attribute(llama, ids, tokenizer=tok, method=method).scores

@@ -11,6 +11,7 @@ saving every per-block activation (MLP intermediates dominate at long context).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 from torch import nn
@@ -47,7 +48,10 @@ def _checkpointed(forward):
                 "recomputing a block in the backward would write its keys and values into the cache twice and "
                 "attend to them. Call the model with use_cache=False and no past_key_values."
             )
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        # The recomputation may run on an autograd worker thread (CUDA), where the context variables
+        # set around the forward (GIM settings, head gates) would be unset: run it in the forward's context.
+        context = contextvars.copy_context()
+        return checkpoint(lambda *a, **k: context.run(forward, *a, **k), *args, use_reentrant=False, **kwargs)
 
     return run
 

@@ -23,6 +23,7 @@ from torch import nn
 from fastgim.checkpointing import checkpoint_layers
 from fastgim.gim import GIM, is_hooked_transformer
 from fastgim.params import no_parameter_grads
+from fastgim.pruning import target_rows_only
 from fastgim.settings import (
     DEFAULT_GATE_SCALE,
     DEFAULT_K_SCALE,
@@ -264,12 +265,23 @@ def explain(
             base = embeddings(torch.full_like(ids, baseline))
         emb = embeddings(ids).detach().requires_grad_(True)
         kwargs, logit_positions = _forward_kwargs(mask, model, positions, target is None)
-        outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **kwargs)
-        scores = _scores(outputs, target, rows, logit_positions, target_ids, contrast, vocab)
-        (grad,) = torch.autograd.grad(scores.sum(), emb)
+        with _last_block_rows(model, kwargs.get("logits_to_keep"), ids.shape[1]):  # checkpointing recomputes
+            outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **kwargs)
+            scores = _scores(outputs, target, rows, logit_positions, target_ids, contrast, vocab)
+            (grad,) = torch.autograd.grad(scores.sum(), emb)
     attribution = (grad.float() * (emb.detach().float() - base.float())).sum(-1)
     attribution = attribution.masked_fill(~mask, 0.0)
     return attribution[0] if squeeze or batch == 1 else attribution
+
+
+#: Run the last transformer block only at the kept target rows (:mod:`fastgim.pruning`).
+PRUNE_LAST_BLOCK = True
+
+
+def _last_block_rows(model: nn.Module, keep: torch.Tensor | None, seq_len: int) -> contextlib.AbstractContextManager:
+    if keep is None or not PRUNE_LAST_BLOCK:
+        return contextlib.nullcontext()
+    return target_rows_only(model, keep, seq_len)
 
 
 def _head_mask(head_mask: torch.Tensor | None) -> contextlib.AbstractContextManager:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fastgim.ops.attention import attention
+from fastgim.pruning import LAST_QUERY_ONLY
 
 IMPLEMENTATION = "gim_fused"
 
@@ -109,11 +110,22 @@ def gim_fused_attention(
         if causal and kv_len > q_len:  # empty static cache at prefill, as the sdpa path does
             key, value = key[:, :, :q_len], value[:, :, :q_len]
     gate = _layer_gate(module, query.shape[0], query.shape[1], query.dtype)
+    skipped_rows = 0
+    if q_len > 1 and q_len == key.shape[2] and id(module) in LAST_QUERY_ONLY.get():
+        # Only the last query row's output is read (fastgim.pruning): bottom-right aligned causality
+        # and window give that row exactly the keys it sees in the full problem.
+        skipped_rows = q_len - 1
+        query = query[:, :, -1:]
+        if mask is not None and mask.dim() == 4 and mask.shape[-2] == q_len:
+            mask = mask[..., -1:, :]
     out = attention(
         query, key, value, causal=causal, scale=scaling, attention_mask=mask, sliding_window=window,
         softcap=softcap, gate=gate,
     )
-    return out.transpose(1, 2).contiguous(), None
+    out = out.transpose(1, 2)
+    if skipped_rows:
+        out = torch.cat([out.new_zeros(out.shape[0], skipped_rows, *out.shape[2:]), out], dim=1)
+    return out.contiguous(), None
 
 
 def gim_fused_mask(*args, **kwargs) -> torch.Tensor | None:
