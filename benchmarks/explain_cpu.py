@@ -8,7 +8,8 @@ random weights, fp32, 2 threads.
   phases of a shared machine hit both methods alike; the ratio is the median over the
   ``--repeats`` pairs of fastgim's time over gim-explain's in the same pair.
 * Peak memory: each (method, N) runs one call in a fresh subprocess (ru_maxrss above the
-  resident size before the call), so that nothing else pollutes it.
+  resident size before the call), so that nothing else pollutes it, with glibc's mmap and trim
+  thresholds fixed (``MEMORY_ENV``) so that freed blocks do not stay resident.
 
 gim-explain runs as published: on ``sdpa`` attention (its default), it applies only
 its Q/K/V rule to this model (its softmax patch never reaches SDPA, and its norm swap
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -111,9 +113,15 @@ def run_times(length: int, repeats: int) -> dict:
     return {"length": length, "times": times, "pair_ratios": ratios}
 
 
+#: glibc keeps freed large blocks resident (its mmap threshold adapts), so the peak RSS of the same
+#: call varied by 30% from run to run; a fixed threshold returns them, and the peak follows live memory.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def _child(*arguments: str) -> dict:
     command = [sys.executable, __file__, "--child", *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, **MEMORY_ENV} if arguments[0] == "memory" else None
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         return {"arguments": list(arguments), "error": result.stderr[-2000:]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -161,7 +169,8 @@ def main() -> None:
                      "transformers": transformers.__version__, "gim-explain": "0.1.4"},
         "model": "Llama-shaped: 12 layers, hidden 768, 12 heads / 4 KV heads, intermediate 2048, vocab 32000, fp32",
         "method": f"time: median over {args.repeats} alternated (fastgim, gim-explain) pairs of the per-pair ratio; "
-                  "memory: one call per fresh process",
+                  "memory: one call per fresh process with MALLOC_MMAP_THRESHOLD_ and "
+                  "MALLOC_TRIM_THRESHOLD_ at 128 KiB",
         "rows": rows,
         "errors": errors,
     }

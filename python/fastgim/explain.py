@@ -6,6 +6,9 @@ runs on ``inputs_embeds`` inside :class:`fastgim.GIM`, and ``grad`` is the GIM g
 target score (the target token's logit at the target position, minus the contrast token's logit
 if given; for encoders, ``target(outputs)``) with respect to ``emb``. Only the embeddings get a
 gradient: parameters' ``requires_grad`` is switched off during the call and restored after.
+
+Work nothing reads is skipped: no KV cache, logits only at the target positions, and the last
+transformer block computed only at those rows (:mod:`fastgim.pruning`).
 """
 
 from __future__ import annotations

@@ -159,6 +159,11 @@ FUSABLE_SPLIT_MLPS = frozenset({
     "Qwen2MoeMLP", "Qwen3MoeMLP", "MixtralMLP", "GraniteMLP",
 })
 
+#: Also route the fusable MLPs through ``gated_activation`` where it runs on PyTorch ops (CPU): its
+#: backward applies the scales with fewer full-size temporaries than the hooks, and it keeps
+#: ``gate`` and ``up`` for the backward instead of ``act(gate)``, ``gate`` and ``up``.
+FUSE_ON_CPU = True
+
 _FUSED_RUNNING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgim_fused_mlp", default=False)
 
 
@@ -177,7 +182,7 @@ def _patch_fused_split(module: nn.Module, activation: str) -> Callable[[], None]
     def make_forward(m: nn.Module, original: Callable) -> Callable:
         def forward(x: torch.Tensor) -> torch.Tensor:
             scales = _active_scales()
-            if scales is None or norms.resolve_norm_backend(x.device) == "torch":
+            if scales is None or (norms.resolve_norm_backend(x.device) == "torch" and not FUSE_ON_CPU):
                 return original(x)
             token = _FUSED_RUNNING.set(True)  # the branch hooks must not scale a second time
             try:

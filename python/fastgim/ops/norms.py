@@ -238,10 +238,26 @@ def _act_and_grad32(gate: torch.Tensor, activation: str) -> tuple[torch.Tensor, 
 
 
 def _torch_gated_forward(gate, up, activation):
-    return _act(gate, activation) * up
+    act = _act(gate, activation)
+    return act.mul_(up) if act.dtype == up.dtype else act * up
+
+
+def _silu_gated_backward(dout, gate, up, gate_scale, up_scale):
+    """SiLU in float32 / float64: two new tensors and one pass each, no score-sized temporaries."""
+    dgate = torch.mul(dout, up)
+    torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
+    dup = F.silu(gate).mul_(dout)
+    if gate_scale != 1.0:
+        dgate.mul_(gate_scale)
+    if up_scale != 1.0:
+        dup.mul_(up_scale)
+    return dgate, dup
 
 
 def _torch_gated_backward(dout, gate, up, activation, gate_scale, up_scale):
+    if (activation in ("silu", "swish") and dout.dtype == gate.dtype == up.dtype
+            and gate.dtype in (torch.float32, torch.float64)):
+        return _silu_gated_backward(dout, gate, up, gate_scale, up_scale)
     act, dact = _act_and_grad32(gate, activation)
     d32 = dout.to(act.dtype)
     dgate = (d32 * up.to(act.dtype) * dact) * gate_scale
