@@ -138,23 +138,28 @@ def _torch_rms_forward(x, weight, eps, weight_offset, cast):
     if weight is None:
         out = normed.to(x.dtype)
     elif cast == "llama":
-        out = _rms_weight_eff(weight, weight_offset, cast) * normed.to(x.dtype)
+        weight_eff, normed_x = _rms_weight_eff(weight, weight_offset, cast), normed.to(x.dtype)
+        if normed_x.dtype == torch.promote_types(weight_eff.dtype, normed_x.dtype):
+            out = normed_x.mul_(weight_eff)  # a fresh tensor: same values as weight * normed, one allocation less
+        else:
+            out = weight_eff * normed_x
     else:  # gemma, olmo2: multiply in fp32, then cast
-        out = (normed * _rms_weight_eff(weight, weight_offset, cast)).to(x.dtype)
+        out = normed.mul_(_rms_weight_eff(weight, weight_offset, cast)).to(x.dtype)
     return out, rstd.squeeze(-1)
 
 
 def _torch_rms_backward(dy, x, weight, rstd, weight_offset, cast, frozen, want_dweight=True):
     r = rstd.unsqueeze(-1)
-    normed = x.to(torch.float32) * r
     dy32 = dy.to(torch.float32)
+    want_dweight = weight is not None and want_dweight
+    normed = x.to(torch.float32) * r if want_dweight or not frozen else None
     g = dy32 if weight is None else dy32 * _rms_weight_eff(weight, weight_offset, cast).to(torch.float32)
-    if frozen:
-        dx = g * r
-    else:
+    if not frozen:
         dx = r * (g - normed * (g * normed).mean(-1, keepdim=True))
+    else:
+        dx = g * r if g is dy32 else g.mul_(r)  # g is a fresh tensor unless it is dy itself
     dw = None
-    if weight is not None and want_dweight:
+    if want_dweight:
         seen = normed.to(x.dtype).to(torch.float32) if cast == "llama" else normed
         dw = (dy32 * seen).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     return dx.to(x.dtype), dw
