@@ -169,3 +169,30 @@ def test_checkpointing_lowers_peak_memory() -> None:
     # MLP activations alone are 6 layers x 3 x 512 x 1024 x 4 B = 36 MiB without checkpointing.
     assert plain > 24 * 2**20, f"the model is too small to show the saving ({plain / 2**20:.1f} MiB)"
     assert low < 0.6 * plain, f"checkpointed peak {low / 2**20:.1f} MiB vs plain {plain / 2**20:.1f} MiB"
+
+
+def test_recomputation_on_another_thread_keeps_the_gim_settings() -> None:
+    """On CUDA the recomputation runs on an autograd worker thread, where the context variables set
+    around the forward (GIM settings, head gates) are unset; emulate that with a fresh thread."""
+    import threading
+
+    torch.manual_seed(0)
+    model = _model(torch.float64)
+    for layer in model.model.layers:  # sharp attention, so the temperature visibly matters
+        layer.self_attn.q_proj.weight.data.mul_(20)
+    ids = torch.randint(1, 101, (1, 23))
+
+    def gradient(checkpoint: bool, settings: dict) -> torch.Tensor:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with fastgim.GIM(model, **settings), checkpoint_layers(model, enabled=checkpoint):
+            score = model(inputs_embeds=emb, use_cache=False).logits[0, -1, 5]
+            result = {}
+            worker = threading.Thread(target=lambda: result.update(grad=torch.autograd.grad(score, emb)[0]))
+            worker.start()
+            worker.join()
+        return result["grad"]
+
+    gim = gradient(False, {})
+    torch.testing.assert_close(gradient(True, {}), gim, rtol=1e-10, atol=1e-12)
+    plain = gradient(False, {"softmax_temperature": None})
+    assert (plain - gim).abs().max() > 1e-6 * gim.abs().max(), "the temperature must change the gradient"
