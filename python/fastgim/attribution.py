@@ -39,6 +39,14 @@ from torch import nn
 
 from fastgim.params import no_parameter_grads
 from fastgim.results import Attribution
+from fastgim.settings import (
+    DEFAULT_GATE_SCALE,
+    DEFAULT_K_SCALE,
+    DEFAULT_Q_SCALE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_UP_SCALE,
+    DEFAULT_V_SCALE,
+)
 
 __all__ = ["Attribution", "attribute", "METHODS", "GIM_RULE_METHODS", "PreparedInputs", "Target"]
 
@@ -122,12 +130,12 @@ def attribute(
     gim_backward: bool = False,
     seed: int = 0,
     freeze_norm: bool = True,
-    softmax_temperature: float | None = 2.0,
-    q_scale: float | None = 0.25,
-    k_scale: float | None = 0.25,
-    v_scale: float | None = 0.5,
-    gate_scale: float | None = 0.5,
-    up_scale: float | None = 0.5,
+    softmax_temperature: float | None = DEFAULT_TEMPERATURE,
+    q_scale: float | None = DEFAULT_Q_SCALE,
+    k_scale: float | None = DEFAULT_K_SCALE,
+    v_scale: float | None = DEFAULT_V_SCALE,
+    gate_scale: float | None = DEFAULT_GATE_SCALE,
+    up_scale: float | None = DEFAULT_UP_SCALE,
 ) -> Attribution:
     """Attribute a target to the input tokens of one sequence.
 

@@ -35,6 +35,7 @@ from fastgim.settings import (
     DEFAULT_UP_SCALE,
     DEFAULT_V_SCALE,
 )
+from fastgim.tracing import position_ids_from_mask, target_positions
 
 TokenIds = int | Sequence[int] | torch.Tensor | None
 
@@ -90,24 +91,6 @@ def _per_row(value: TokenIds, batch: int, name: str, device: torch.device) -> to
 def _check_vocab_ids(t: torch.Tensor | None, vocab: int, name: str) -> None:
     if t is not None and ((t < 0) | (t >= vocab)).any():
         raise ValueError(f"{name} {t.tolist()} is outside the vocabulary [0, {vocab})")
-
-
-def _target_positions(mask: torch.Tensor, target_position: int) -> torch.Tensor:
-    """Index into each row of the target position, counted over the row's real tokens."""
-    if not isinstance(target_position, int) or isinstance(target_position, bool):
-        raise TypeError(f"target_position must be an int, got {type(target_position).__name__}")
-    lengths = mask.sum(-1)
-    shortest = int(lengths.min())
-    if not -shortest <= target_position < shortest:
-        raise ValueError(
-            f"target_position {target_position} is out of range for a sequence of {shortest} real tokens; "
-            f"use a value in [{-shortest}, {shortest - 1}] (-1 = the last token)"
-        )
-    k = target_position if target_position >= 0 else lengths + target_position
-    k = torch.as_tensor(k, device=mask.device).expand(mask.shape[0])
-    order = torch.cumsum(mask.long(), -1) - 1  # index among real tokens
-    hit = mask & (order == k[:, None])
-    return hit.float().argmax(-1)
 
 
 def resolve_baseline(baseline_token_id: int | None, tokenizer: Any, vocab: int) -> int:
@@ -175,8 +158,8 @@ def _forward_kwargs(
     """
     parameters = inspect.signature(model.forward).parameters
     kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in parameters else {}
-    if not mask.all() and "position_ids" in parameters:
-        kwargs["position_ids"] = (torch.cumsum(mask.long(), -1) - 1).clamp(min=0)
+    if "position_ids" in parameters:
+        kwargs.update(position_ids_from_mask(mask))
     if token_target and "logits_to_keep" in parameters:
         keep = torch.unique(positions)
         kwargs["logits_to_keep"] = keep
@@ -249,7 +232,7 @@ def explain(
     mask = _as_mask(attention_mask, ids)
     batch = ids.shape[0]
     rows = torch.arange(batch, device=device)
-    positions = _target_positions(mask, target_position)
+    positions = target_positions(mask, target_position)
     target_ids = _per_row(target_token_id, batch, "target_token_id", device)
     contrast = _per_row(contrast_token_id, batch, "contrast_token_id", device)
     if target is not None and not callable(target):

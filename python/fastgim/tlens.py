@@ -27,7 +27,15 @@ from torch import nn
 
 from fastgim.mlp_patching import scale_gradient
 from fastgim.params import no_parameter_grads
-from fastgim.settings import GIMSettings
+from fastgim.settings import (
+    DEFAULT_GATE_SCALE,
+    DEFAULT_K_SCALE,
+    DEFAULT_Q_SCALE,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_UP_SCALE,
+    DEFAULT_V_SCALE,
+    GIMSettings,
+)
 from fastgim.tracing import target_positions
 
 __all__ = ["is_tlens_model", "gim_context", "GIM", "explain_tlens", "infer_baseline_token_id"]
@@ -184,12 +192,12 @@ def explain_tlens(
     attention_mask: torch.Tensor | None = None,
     contrast_token_id: int | torch.Tensor | None = None,
     freeze_norm: bool = True,
-    softmax_temperature: float | None = 2.0,
-    q_scale: float | None = 0.25,
-    k_scale: float | None = 0.25,
-    v_scale: float | None = 0.5,
-    gate_scale: float | None = 0.5,
-    up_scale: float | None = 0.5,
+    softmax_temperature: float | None = DEFAULT_TEMPERATURE,
+    q_scale: float | None = DEFAULT_Q_SCALE,
+    k_scale: float | None = DEFAULT_K_SCALE,
+    v_scale: float | None = DEFAULT_V_SCALE,
+    gate_scale: float | None = DEFAULT_GATE_SCALE,
+    up_scale: float | None = DEFAULT_UP_SCALE,
 ) -> torch.Tensor:
     """GIM attribution of a TL model's prediction to its input tokens (``fastgim.explain`` for TL).
 
@@ -249,12 +257,12 @@ def GIM(  # noqa: N802 - the public name fastgim.GIM delegates to
     model: Any,
     *,
     freeze_norm: bool = True,
-    softmax_temperature: float | None = 2.0,
-    q_scale: float | None = 0.25,
-    k_scale: float | None = 0.25,
-    v_scale: float | None = 0.5,
-    gate_scale: float | None = 0.5,
-    up_scale: float | None = 0.5,
+    softmax_temperature: float | None = DEFAULT_TEMPERATURE,
+    q_scale: float | None = DEFAULT_Q_SCALE,
+    k_scale: float | None = DEFAULT_K_SCALE,
+    v_scale: float | None = DEFAULT_V_SCALE,
+    gate_scale: float | None = DEFAULT_GATE_SCALE,
+    up_scale: float | None = DEFAULT_UP_SCALE,
 ) -> contextlib.AbstractContextManager:
     """``fastgim.GIM`` for TL models: :func:`gim_context` with the settings given as keywords."""
     settings = GIMSettings(bool(freeze_norm), softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale)

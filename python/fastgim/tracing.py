@@ -58,8 +58,8 @@ def target_positions(mask: torch.Tensor, target_position: int = -1) -> torch.Ten
     shortest = int(lengths.min())
     if not -shortest <= target_position < shortest:
         raise ValueError(
-            f"target_position {target_position} is out of range for a row of {shortest} real tokens; "
-            f"use a value in [{-shortest}, {shortest - 1}]"
+            f"target_position {target_position} is out of range for a sequence of {shortest} real tokens; "
+            f"use a value in [{-shortest}, {shortest - 1}] (-1 = the last token)"
         )
     wanted = lengths + target_position if target_position < 0 else torch.full_like(lengths, target_position)
     order = torch.cumsum(mask.long(), -1) - 1
