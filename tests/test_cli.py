@@ -74,8 +74,8 @@ def test_explain_unknown_method_and_missing_model(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["explain", "--text", "the cat", "--model", str(model_dir), "--method", "shap"])
     assert "invalid choice: 'shap'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="is not a directory"):
-        main(["explain", "--text", "the cat", "--model", str(tmp_path / "nope")])
+    assert main(["explain", "--text", "the cat", "--model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_evaluate_jsonl(model_dir, tmp_path, capsys):

@@ -2,23 +2,36 @@
 
 ``import fastgim`` registers the ``"gim_fused"`` attention implementation with
 transformers (attention and mask registries).
+
+The import itself is light (no torch, no transformers): every public name is served lazily from
+its module on first use, and the registration runs as soon as transformers' model code
+(``transformers.modeling_utils``, where ``AttentionInterface`` lives) is imported, or at once
+when it already is. So ``fastgim --help`` answers without loading torch, and a model loaded
+with ``attn_implementation="gim_fused"`` after ``import fastgim`` always finds it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+import types
+import warnings
 from typing import Any
-
-from fastgim.ops import attention, attention_with_lse
-from fastgim.settings import GIMSettings, current_settings
 
 __version__ = "0.1.0"
 
 # Public names served lazily from their modules, so that importing fastgim stays light.
 _LAZY = {
+    "attention": "fastgim.ops",
+    "attention_with_lse": "fastgim.ops",
+    "GIMSettings": "fastgim.settings",
+    "current_settings": "fastgim.settings",
     "GIM": "fastgim.gim",
     "load_default_model": "fastgim.default_model",
     "DEFAULT_MODEL_DIR": "fastgim.default_model",
+    "load_model": "fastgim.loading",
     "attribute": "fastgim.attribution",
     "Attribution": "fastgim.attribution",
     "evaluate": "fastgim.evaluation",
@@ -39,27 +52,91 @@ _LAZY = {
     "attribute_dataset": "fastgim.distributed",
 }
 
-__all__ = ["attention", "attention_with_lse", "explain", "GIMSettings", "current_settings", *_LAZY]
+#: Public functions that share their name with a submodule: the function wins on the package.
+_FUNCTIONS_NAMED_LIKE_MODULES = {"explain": "fastgim.explain"}
+
+__all__ = ["explain", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _FUNCTIONS_NAMED_LIKE_MODULES:
+        return getattr(importlib.import_module(_FUNCTIONS_NAMED_LIKE_MODULES[name]), name)
     module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'fastgim' has no attribute {name!r}")
-    return getattr(importlib.import_module(module_name), name)
+    if module_name is not None:
+        return getattr(importlib.import_module(module_name), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # e.g. fastgim.default_model, fastgim.hf
+    raise AttributeError(f"module 'fastgim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """fastgim's module type: importing the submodule ``fastgim.explain`` keeps ``fastgim.explain`` the function.
+
+    The import system binds every imported submodule as an attribute of its package; for the names in
+    ``_FUNCTIONS_NAMED_LIKE_MODULES`` that binding is skipped, so the attribute stays lazy (the function).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _FUNCTIONS_NAMED_LIKE_MODULES.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+# ---------------------------------------------------------------------- registration with transformers
+_HOOKED_MODULE = "transformers.modeling_utils"  # defines AttentionInterface; every model class imports it
 
 
 def _register_with_transformers() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is None:  # the op still works on its own
-        return
     from fastgim import hf
 
     hf.register()
 
 
-_register_with_transformers()
+def _register_after_import() -> None:
+    try:
+        _register_with_transformers()
+    except Exception as error:  # never break the user's transformers import; say what is missing
+        warnings.warn(f"fastgim could not register attn_implementation='gim_fused' with transformers: {error!r}",
+                      RuntimeWarning, stacklevel=2)
 
-# Bound eagerly: the submodule fastgim.explain would otherwise shadow the function on first import.
-from fastgim.explain import explain  # noqa: E402
+
+class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
+    """Post-import hook: registers ``gim_fused`` right after ``transformers.modeling_utils`` has executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _HOOKED_MODULE:
+            return None
+        _remove_hook()
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            execute(module)
+            _register_after_import()
+
+        spec.loader.exec_module = exec_module  # this loader instance serves this one module
+        return spec
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterWhenTransformersLoads)]
+
+
+def _install_registration() -> None:
+    if _HOOKED_MODULE in sys.modules:
+        _register_with_transformers()
+    elif importlib.util.find_spec("transformers") is not None:  # the op still works without transformers
+        _remove_hook()
+        sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+
+
+_install_registration()

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim.loading import check_input_length
+from fastgim.methods import GIM_RULE_METHODS, METHODS
 from fastgim.params import no_parameter_grads
 from fastgim.results import Attribution
 from fastgim.settings import (
@@ -50,10 +52,6 @@ from fastgim.settings import (
 
 __all__ = ["Attribution", "attribute", "METHODS", "GIM_RULE_METHODS", "PreparedInputs", "Target"]
 
-GIM_RULE_METHODS = ("gim_freeze_norm", "gim_temperature", "gim_qkv_scale", "gim_mlp_scale")
-METHODS = (
-    "gim", *GIM_RULE_METHODS, "gradient_x_input", "saliency", "integrated_gradients", "occlusion", "random",
-)
 _OBJECTIVES = ("logit", "logprob")
 
 
@@ -176,6 +174,7 @@ def attribute(
     )
     device = _device(model)
     prepared = prepare_inputs(inputs, tokenizer, attention_mask=attention_mask, device=device)
+    check_input_length(model, prepared.input_ids.shape[1])
     with _attribution_mode(model):
         if generate:
             target = _generate(model, prepared, tokenizer, max_new_tokens)
@@ -187,6 +186,7 @@ def attribute(
         )
         if extended is not prepared:  # a continuation: the outputs of the longer input are needed
             prepared = extended
+            check_input_length(model, prepared.input_ids.shape[1])
             with torch.no_grad():
                 outputs = _forward(model, prepared.input_ids, prepared)
         baseline_id = resolve_baseline(baseline_token_id, tokenizer, model)

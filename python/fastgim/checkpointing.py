@@ -36,13 +36,24 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
-_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+# The name under which a block receives the KV cache: ``cache`` since transformers 5.2x (deprecated alias
+# ``past_key_values``), ``past_key_values`` / ``past_key_value`` / ``layer_past`` before.
+_CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _is_cache(value: object) -> bool:
+    """True for a transformers ``Cache`` (whatever the argument is called, should it be renamed again)."""
+    return any(cls.__name__ == "Cache" and cls.__module__.endswith("cache_utils") for cls in type(value).__mro__)
+
+
+def _given_cache(args: tuple, kwargs: dict) -> object | None:
+    named = next((kwargs[name] for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    return named if named is not None else next((v for v in (*args, *kwargs.values()) if _is_cache(v)), None)
 
 
 def _checkpointed(forward):
     def run(*args, **kwargs):
-        cache = next((kwargs[name] for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
-        if cache is not None:
+        if _given_cache(args, kwargs) is not None:
             raise RuntimeError(
                 "checkpoint_layers: the model was called with a KV cache (use_cache=True or past_key_values); "
                 "recomputing a block in the backward would write its keys and values into the cache twice and "

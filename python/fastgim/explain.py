@@ -25,6 +25,7 @@ from torch import nn
 
 from fastgim.checkpointing import checkpoint_layers
 from fastgim.gim import GIM, is_hooked_transformer
+from fastgim.loading import check_input_length
 from fastgim.params import no_parameter_grads
 from fastgim.pruning import target_rows_only
 from fastgim.settings import (
@@ -228,6 +229,7 @@ def explain(
     squeeze = torch.as_tensor(input_ids).dim() == 1
     device = embeddings.weight.device
     ids = _as_ids(input_ids, vocab).to(device)
+    check_input_length(model, ids.shape[-1])
     ids = ids[None] if ids.dim() == 1 else ids
     mask = _as_mask(attention_mask, ids)
     batch = ids.shape[0]

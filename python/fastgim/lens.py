@@ -51,24 +51,17 @@ class LensAPI:
         """Load a local model directory (or hub id if cached) with ``attn_implementation="gim_fused"``.
 
         ``None`` loads the default model shipped with fastgim (:func:`fastgim.load_default_model`).
+        Loading goes through :func:`fastgim.loading.load_model`: a missing folder, a folder that is not a
+        model, or a checkpoint without a trained LM head is a :class:`fastgim.loading.ModelLoadError`.
         ``device`` defaults to CUDA when available; ``torch_dtype`` to the checkpoint's.
         """
+        from fastgim.loading import load_model
+
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if model_name_or_path is None:
-            from fastgim.default_model import load_default_model
-
-            model, tokenizer = load_default_model()
-            return cls(model, tokenizer, device=device)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model(model_name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                      **model_kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model_kwargs.setdefault("attn_implementation", "gim_fused")
-        if torch_dtype is not None:
-            model_kwargs["dtype"] = torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
-                                                     **model_kwargs)
         return cls(model, tokenizer, device=None if "device_map" in model_kwargs else device)
 
     def fit(

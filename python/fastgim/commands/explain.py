@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastgim.attribution import METHODS
+from fastgim.methods import METHODS
 
 LEVELS = ("token", "word", "sentence")
 
@@ -46,19 +46,13 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(directory: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer) from ``directory``, or fastgim's default model when ``None``; eval mode."""
-    if directory is None:
-        from fastgim import load_default_model
+    """(model, tokenizer) from ``directory``, or fastgim's default model when ``None``; eval mode.
 
-        model, tokenizer = load_default_model()
-    else:
-        if not Path(directory).is_dir():
-            raise SystemExit(f"fastgim: --model {directory!r} is not a directory")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    Raises :class:`fastgim.loading.ModelLoadError` (a ``ValueError``) with a clear message on bad input.
+    """
+    from fastgim.loading import load_model as load
 
-        model = AutoModelForCausalLM.from_pretrained(directory)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    return model.eval(), tokenizer
+    return load(directory)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.target is not None and args.target_id is not None:
         print("fastgim explain: give --target or --target-id, not both", file=sys.stderr)
         return 2
-    model, tokenizer = load_model(args.model)
     try:
+        model, tokenizer = load_model(args.model)
         result = attribute(
             model, args.text, tokenizer=tokenizer, method=args.method,
             target=args.target if args.target is not None else args.target_id,
