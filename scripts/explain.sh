@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: GIM attribution with the bundled default model, offline.
-# Sets up ./.venv on first use. Extra arguments go to `fastgim explain`.
+# Sets up ./.venv on first use (later calls skip the install while pyproject.toml, setup.py and
+# constraints.txt are unchanged). Extra arguments go to `fastgim explain`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -1,15 +1,57 @@
 #!/usr/bin/env bash
-# Creates ./.venv (if missing) and installs fastgim with its test extras.
-# torch is pinned to the CPU build first so that nothing pulls the CUDA wheels.
+# Creates a virtual environment and installs fastgim (editable) with its test extras.
+#   bash scripts/setup_env.sh            ./.venv: every package at the exact version in constraints.txt,
+#                                        the set the test suite last passed on (reproducible).
+#   bash scripts/setup_env.sh --latest   ./.venv-latest: the newest releases, constraints.txt ignored
+#                                        (bash scripts/test.sh --latest runs the suite there).
+# torch is always the CPU build FASTGIM_TORCH_VERSION (default 2.13.0), installed first so that nothing
+# pulls the CUDA wheels. More extras: FASTGIM_EXTRAS=tlens (comma-separated).
+# A stamp in the venv records what was installed (a hash of pyproject.toml, setup.py, constraints.txt,
+# the extras, torch and python); while it matches, nothing is installed again. fastgim is installed
+# editable, so changes to its code need no re-install. Regenerate constraints.txt after a passing run:
+#   .venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$//' > constraints.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=pinned
+for arg in "$@"; do
+  case "$arg" in
+    --latest) mode=latest ;;
+    *) echo "setup_env.sh: unknown argument '$arg' (the only option is --latest)" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+TORCH_VERSION=${FASTGIM_TORCH_VERSION:-2.13.0}
+EXTRAS="test${FASTGIM_EXTRAS:+,$FASTGIM_EXTRAS}"
+VENV=.venv
+if [ "$mode" = latest ]; then VENV=.venv-latest; fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-if ! python -c "import torch" >/dev/null 2>&1; then
-  python -m pip install -q "torch==${FASTGIM_TORCH_VERSION:-2.13.0}"
+. "$VENV/bin/activate"
+
+# The constraints the install uses: constraints.txt with torch set to TORCH_VERSION (pinned), or torch alone (latest).
+pins="$VENV/fastgim-constraints.txt"
+if [ "$mode" = pinned ]; then
+  grep -v '^torch==' constraints.txt > "$pins"
+else
+  : > "$pins"
 fi
-python -m pip install -q -e ".[test${FASTGIM_EXTRAS:+,$FASTGIM_EXTRAS}]"
+echo "torch==$TORCH_VERSION" >> "$pins"
+
+stamp_file="$VENV/fastgim-install.stamp"
+stamp=$(cat pyproject.toml setup.py "$pins" | sha256sum | cut -c1-16)
+stamp="$stamp $mode $EXTRAS $(python -c 'import sys; print(sys.version.split()[0])')"
+if [ "$mode" = pinned ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
+  exit 0  # already installed from these files
+fi
+rm -f "$stamp_file"
+if [ "$mode" = latest ]; then
+  python -m pip install -q --upgrade pip >/dev/null
+  upgrade=(--upgrade --upgrade-strategy eager)
+else
+  upgrade=()
+fi
+python -m pip install -q -c "$pins" "torch==$TORCH_VERSION"
+python -m pip install -q -c "$pins" "${upgrade[@]}" -e ".[$EXTRAS]"
+echo "$stamp" > "$stamp_file"

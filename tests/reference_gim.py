@@ -281,6 +281,9 @@ def family_config(family: str):
     if family == "gpt2":
         return t.GPT2LMHeadModel, t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                bos_token_id=1, eos_token_id=2)
+    if family == "gptj":  # partial rotary (rotary_dim < head_dim), parallel attention and MLP
+        return t.GPTJForCausalLM, t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                               n_positions=64, bos_token_id=1, eos_token_id=2)
     if family == "gpt_neox":
         return t.GPTNeoXForCausalLM, t.GPTNeoXConfig(**_common(num_key_value_heads=4, intermediate_size=64))
     if family == "bert":
@@ -290,8 +293,15 @@ def family_config(family: str):
     raise KeyError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox",
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gptj", "gpt_neox",
             "olmo2", "bert", "mixtral", "qwen2_moe")
+
+
+def routes_through_attention_interface(family: str) -> bool:
+    """Whether the installed transformers runs ``family``'s attention through ``AttentionInterface`` (GPT-J:
+    from transformers 5.2x on; before, it is one of the families fastgim refuses)."""
+    cls, _ = family_config(family)
+    return bool(getattr(cls, "_supports_attention_backend", False))
 
 
 def build_model(family: str, *, seed: int = 0, sharpen: float = 15.0, sharpen_norm: float = 2.0,

@@ -77,16 +77,34 @@ def test_bad_input_clear_error_model_unchanged(case, kwargs, error, match):
     _assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("family", ["falcon", "gptj"])
-def test_architecture_not_routed_through_interface(family):
+def _not_routed_model(family: str) -> nn.Module:
+    """A tiny model of ``family``; "hand_written" is a Llama subclass that declares no AttentionInterface
+    support, so that the refusal is tested whatever transformers version routes which family."""
     import transformers as t
 
-    if family == "falcon":
-        model = t.FalconForCausalLM(t.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=4)).eval()
-    else:
-        model = t.GPTJForCausalLM(t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
-                                               n_positions=32)).eval()
+    if family == "hand_written":
+        class HandWrittenAttentionModel(t.LlamaForCausalLM):
+            _supports_attention_backend = False
+
+        return HandWrittenAttentionModel(t.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                                       num_hidden_layers=1, num_attention_heads=4)).eval()
+    configs = {
+        "falcon": (t.FalconForCausalLM, t.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=4)),
+        "bloom": (t.BloomForCausalLM, t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4)),
+        "gptj": (t.GPTJForCausalLM, t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                                 n_positions=32)),
+    }
+    cls, config = configs[family]
+    if getattr(cls, "_supports_attention_backend", False):
+        pytest.skip(f"transformers {t.__version__} routes {family}'s attention through AttentionInterface: "
+                    "supported, tested in test_gim_families.py")
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["hand_written", "falcon", "bloom", "gptj"])
+def test_architecture_not_routed_through_interface(family):
+    model = _not_routed_model(family)
     before = _snapshot(model)
     with pytest.raises(TypeError, match=r"AttentionInterface.*Supported families: Llama"):
         explain(model, _ids(1, 5), baseline_token_id=0)

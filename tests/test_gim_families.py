@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_gim import FAMILIES, VOCAB, build_model, reference_explain
+import transformers
+from reference_gim import FAMILIES, VOCAB, build_model, reference_explain, routes_through_attention_interface
 
 from fastgim.explain import explain
 from fastgim.gim import GIM
@@ -24,6 +25,9 @@ _MODELS: dict[str, torch.nn.Module] = {}
 
 
 def _model(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    if not routes_through_attention_interface(family):
+        pytest.skip(f"transformers {transformers.__version__} does not route {family}'s attention through "
+                    "AttentionInterface (see test_gim_errors.py)")
     key = f"{family}-{dtype}"
     if key not in _MODELS:
         _MODELS[key] = build_model(family).to(dtype)
