@@ -9,7 +9,7 @@
 # A stamp in the venv records what was installed (a hash of pyproject.toml, setup.py, constraints.txt,
 # the extras, torch and python); while it matches, nothing is installed again. fastgim is installed
 # editable, so changes to its code need no re-install. Regenerate constraints.txt after a passing run:
-#   .venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$//' > constraints.txt
+#   see the header of constraints.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=pinned

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from fastgim.explain import _last_block_rows  # the same last-block pruning as explain
 from fastgim.loading import check_input_length
 from fastgim.methods import GIM_RULE_METHODS, METHODS
 from fastgim.params import no_parameter_grads
@@ -394,9 +396,9 @@ def _forward(model: nn.Module, ids: torch.Tensor, prepared: PreparedInputs) -> A
     return model(input_ids=ids, attention_mask=mask, **extra)
 
 
-def _forward_embeds(model: nn.Module, embeds: torch.Tensor, prepared: PreparedInputs) -> Any:
+def _forward_embeds(model: nn.Module, embeds: torch.Tensor, prepared: PreparedInputs, **kwargs: Any) -> Any:
     mask, extra = prepared.expand(embeds.shape[0])
-    return model(inputs_embeds=embeds, attention_mask=mask, **extra)
+    return model(inputs_embeds=embeds, attention_mask=mask, **extra, **kwargs)
 
 
 def embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -471,13 +473,26 @@ def component_gradients(
     ``settings`` (a :class:`fastgim.GIMSettings`) runs the forward and backward inside ``fastgim.GIM``.
     """
     embeds = embeds.detach().requires_grad_(True)
-    with _gim_context(model, settings):
-        values = spec.values(_forward_embeds(model, embeds, prepared))
+    keep, spec = _kept_rows(model, spec, embeds.device)
+    with _gim_context(model, settings), _last_block_rows(model, keep, embeds.shape[1]):
+        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        values = spec.values(_forward_embeds(model, embeds, prepared, **kwargs))
         grads = []
         for c in range(values.shape[1]):
             (grad,) = torch.autograd.grad(values[:, c].sum(), embeds, retain_graph=c < values.shape[1] - 1)
             grads.append(grad)
     return torch.stack(grads)
+
+
+def _kept_rows(model: nn.Module, spec: Target, device: torch.device) -> tuple[torch.Tensor | None, Target]:
+    """For token targets of a causal LM: the distinct target rows (``logits_to_keep``) and the target re-indexed
+    into the kept logits. The last block then runs at those rows only, exactly as in :func:`fastgim.explain`, so
+    ``method="gim"`` gives explain's numbers bit for bit (and skips the unused rows' work)."""
+    if spec.fn is not None or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None, spec
+    keep = sorted(set(spec.positions))
+    kept = dataclasses.replace(spec, positions=[keep.index(p) for p in spec.positions])
+    return torch.tensor(keep, dtype=torch.long, device=device), kept
 
 
 def _run_method(
