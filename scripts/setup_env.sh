@@ -39,11 +39,18 @@ else
 fi
 echo "torch==$TORCH_VERSION" >> "$pins"
 
+# The stamp: line 1 the hash of what decides the install, line 2 the extras installed with it.
 stamp_file="$VENV/fastgim-install.stamp"
-stamp=$(cat pyproject.toml setup.py "$pins" | sha256sum | cut -c1-16)
-stamp="$stamp $mode $EXTRAS $(python -c 'import sys; print(sys.version.split()[0])')"
-if [ "$mode" = pinned ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
-  exit 0  # already installed from these files
+stamp="$(cat pyproject.toml setup.py "$pins" | sha256sum | cut -c1-16) $mode $(python -c 'import sys; print(sys.version.split()[0])')"
+if [ "$mode" = pinned ] && [ -f "$stamp_file" ] && [ "$(head -n1 "$stamp_file")" = "$stamp" ]; then
+  installed=",$(sed -n 2p "$stamp_file"),"
+  missing=0
+  for extra in ${EXTRAS//,/ }; do
+    case "$installed" in *",$extra,"*) ;; *) missing=1 ;; esac
+  done
+  if [ "$missing" = 0 ]; then
+    exit 0  # already installed from these files, with these extras
+  fi
 fi
 rm -f "$stamp_file"
 if [ "$mode" = latest ]; then
@@ -54,4 +61,4 @@ else
 fi
 python -m pip install -q -c "$pins" "torch==$TORCH_VERSION"
 python -m pip install -q -c "$pins" "${upgrade[@]}" -e ".[$EXTRAS]"
-echo "$stamp" > "$stamp_file"
+printf "%s\n%s\n" "$stamp" "$EXTRAS" > "$stamp_file"
