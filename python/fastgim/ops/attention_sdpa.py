@@ -180,7 +180,7 @@ class Plan:
         qp, kp, vp = self._operands(q, k, v)
         bias = self.tempered_bias if tempered else self.bias
         out, lse = self.kernels.forward(qp, kp, vp, bias, self.causal, scale)
-        out = out[..., : v.shape[-1]]
+        out = out[..., : v.shape[-1]].contiguous()  # the op's fake promises contiguous outputs
         if self.dead is not None:
             out = out.masked_fill(self.dead[..., None], 0.0)
             lse = lse.masked_fill(self.dead, float("-inf"))
@@ -196,7 +196,8 @@ class Plan:
         bias = self.tempered_bias if tempered else self.bias
         dq, dk, dv = self.kernels.backward(dout_p, qp, kp, vp, out_p, lse.contiguous(), bias, self.causal, scale)
         dk, dv = (self._sum_groups(g, k.shape[1]) for g in (dk, dv))
-        return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
+        return tuple(g[..., :size].contiguous() for g, size in ((dq, q.shape[-1]), (dk, k.shape[-1]),
+                                                                 (dv, v.shape[-1])))
 
     def _operands(self, q, k, v):
         q, k, v = (_pad_last(_last_contiguous(t), self.head_dim) for t in (q, k, v))
