@@ -104,6 +104,84 @@ def test_cuda_masked_or_fp32_runs_efficient_with_repeated_kv(problem: dict) -> N
         assert log.shapes[EFFICIENT][3] == (2, 8, lq, lk)
 
 
+class _CudaOpsOnCpu:
+    """``torch.ops.aten`` with the CUDA flash / efficient ops emulated by the CPU flash kernel: their
+    signatures, output tuples, LSE padding and the constraints the CUDA kernels impose (asserted)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.aten, name)
+
+    @staticmethod
+    def _scaled_dot_product_flash_attention(q, k, v, dropout, causal, debug, *, scale):
+        assert dropout == 0.0 and q.shape[-1] % 8 == 0 and q.shape[-1] == v.shape[-1] and q.stride(-1) == 1
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse, None, None, q.shape[2], k.shape[2], torch.empty(2), torch.empty(()), torch.empty(0)
+
+    @staticmethod
+    def _scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout,
+                                                     causal, seed, offset, *, scale):
+        assert cum_q is None and cum_k is None and (max_q, max_k) == (q.shape[2], k.shape[2])
+        assert lse.shape == q.shape[:3] and lse.dtype == torch.float32 and dout.stride(-1) == out.stride(-1) == 1
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse.to(q.dtype), 0.0, causal, scale=scale)
+
+    @staticmethod
+    def _scaled_dot_product_efficient_attention(q, k, v, bias, with_lse, dropout, causal, *, scale):
+        assert with_lse and k.shape[1] == q.shape[1] and q.shape[-1] % 8 == 0  # no GQA in this kernel
+        if bias is not None:
+            assert bias.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) and bias.dtype == q.dtype
+            assert bias.stride(-1) == 1 and bias.stride(-2) % 16 == 0
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                              scale=scale)
+        lse = torch.nn.functional.pad(lse.float(), (0, -q.shape[2] % 32), value=float("nan"))  # padded rows
+        return out, lse, torch.empty((), dtype=torch.int64), torch.empty((), dtype=torch.int64)
+
+    @staticmethod
+    def _scaled_dot_product_efficient_attention_backward(dout, q, k, v, bias, out, lse, seed, offset, dropout, needs,
+                                                         causal, *, scale):
+        assert lse.shape[-1] % 32 == 0 and lse.is_contiguous() and list(needs) == [True, True, True, False]
+        lse = lse[..., : q.shape[2]].to(q.dtype)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
+        return (*grads, None)
+
+
+EMULATED_CASES = {
+    "gqa_causal": dict(), "pad": dict(mask="pad"), "float4d": dict(mask="float4d", causal=False),
+    "window": dict(window=5), "kv_cache": dict(lq=7, lk=19), "dims_gate": dict(dim=20, dim_v=12, gate=True),
+}
+
+
+@pytest.mark.parametrize(("case", "kernels"), [(case, "EFFICIENT") for case in EMULATED_CASES]
+                         + [("gqa_causal", "FLASH"), ("dims_gate", "FLASH")])  # flash: unmasked calls only
+def test_cuda_wiring_matches_reference_with_emulated_kernels(case: str, kernels: str, monkeypatch) -> None:
+    """The CUDA paths' padding, GQA repeat / sum, bias alignment and LSE handling, run numerically."""
+    spec = {"causal": True, "lq": 13, "lk": 13, "dim": 16, "dim_v": None, "mask": None, "window": None,
+            "gate": False, **EMULATED_CASES[case]}
+    chosen = getattr(attention_sdpa, kernels)
+    monkeypatch.setattr(attention_sdpa, "_aten", _CudaOpsOnCpu())
+    monkeypatch.setattr(attention_sdpa, "choose_kernels", lambda *args, **kwargs: chosen)
+    q, k, v = make_qkv(2, 6, 2, spec["lq"], spec["lk"], spec["dim"], spec["dim_v"], dtype=torch.float64,
+                       requires_grad=True)
+    gate = (torch.rand(2, 6, dtype=torch.float64) + 0.25).requires_grad_() if spec["gate"] else None
+    mask = None
+    if spec["mask"] == "pad":
+        mask = torch.rand(2, spec["lk"]) > 0.3
+        mask[1] = False  # a fully padded batch row: dead rows
+    elif spec["mask"] == "float4d":
+        mask = torch.randn(2, 1, spec["lq"], spec["lk"], dtype=torch.float64)
+        mask = mask.masked_fill(torch.rand(mask.shape) > 0.6, float("-inf"))
+    options = dict(causal=spec["causal"], attention_mask=mask, sliding_window=spec["window"], gim=GIM)
+    inputs = [t for t in (q, k, v, gate) if t is not None]
+    dout = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=torch.float64)
+    results = {}
+    for backend in ("sdpa", "reference"):
+        out, lse = fastgim.attention_with_lse(q, k, v, gate=gate, backend=backend, **options)
+        results[backend] = (out, lse, *torch.autograd.grad(out, inputs, dout))
+    for got, want in zip(results["sdpa"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # the LSE the backward gets is float32
+
+
 def test_kernel_choice_table() -> None:
     choose = attention_sdpa.choose_kernels
     assert choose("cpu", torch.bfloat16, 64, False) is attention_sdpa.CPU

@@ -111,8 +111,8 @@ def _flash_forward(q, k, v, bias, causal, scale):
 
 def _flash_backward(dout, q, k, v, out, lse, bias, causal, scale):
     # Without dropout the RNG state is never read; the cumulative lengths are None for dense batches.
-    seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-    offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
     return _aten._scaled_dot_product_flash_attention_backward(
         dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale)
 
@@ -136,7 +136,7 @@ def _efficient_forward(q, k, v, bias, causal, scale):
 def _efficient_backward(dout, q, k, v, out, lse, bias, causal, scale):
     rows = -(-q.shape[2] // _LSE_ROWS_EFFICIENT) * _LSE_ROWS_EFFICIENT
     lse = F.pad(lse, (0, rows - q.shape[2])).contiguous()
-    seed = offset = torch.zeros((), dtype=torch.int64)  # read only with dropout
+    seed = offset = torch.empty((), dtype=torch.int64)  # read only with dropout
     dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
         dout, q, k, v, _efficient_bias(bias, q, k), out, lse, seed, offset, 0.0, [True, True, True, False], causal,
         scale=scale)
