@@ -144,24 +144,53 @@ def _driver_version() -> str | None:
 
 
 def step_tests(dry: bool, workdir: Path) -> dict[str, Any]:
-    """``pytest`` on the selection; counts and the failing test ids from its JUnit XML."""
+    """``pytest`` on the selection; counts and the failing test ids (JUnit XML, or its verbose log if it
+    has to be stopped before the step's own limit)."""
     report = workdir / "tests.xml"
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rN", f"--junitxml={report}",
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rN", f"--junitxml={report}",
                "-o", "addopts="]
     if dry:
         command += [*DRY_TESTS, "-m", "interpreter", "-k", DRY_SELECTION]
     else:
         command += [*GPU_TESTS, "-m", "gpu", "-k", GPU_SELECTION, "--durations=15"]
         if importlib.util.find_spec("xdist") is not None:
-            command += ["-n", "8"]  # Triton compiles in parallel processes
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    counts = _junit_counts(report) if report.exists() else {}
-    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    result = {"command": shlex.join(["python", *command[1:]]), "returncode": done.returncode, "summary": summary, **counts}
-    if done.returncode != 0 or not counts.get("passed"):
-        raise StepFailure(f"pytest exit code {done.returncode}: {summary}", result,
-                          (done.stdout + done.stderr)[-4000:])
+            command += ["-n", "12"]  # Triton compiles in parallel processes
+    limit = (DRY_LIMITS if dry else LIMITS)["tests"] - 15
+    returncode, output = _run_killable(command, limit)
+    counts = _junit_counts(report) if report.exists() else _verbose_counts(output)
+    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    result = {"command": shlex.join(["python", *command[1:]]), "returncode": returncode, "summary": summary,
+              **counts}
+    if returncode != 0 or not counts.get("passed"):
+        stopped = f"stopped after {limit} s; " if returncode is None else ""
+        raise StepFailure(f"pytest {stopped}exit code {returncode}: {summary}", result, output[-4000:])
     return result
+
+
+def _run_killable(command: list[str], limit: float) -> tuple[int | None, str]:
+    """Runs ``command`` (and whatever it starts) for at most ``limit`` s: (exit code or None, output)."""
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        output, _ = child.communicate(timeout=limit)
+        return child.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        output, _ = child.communicate()
+        return None, output
+
+
+def _verbose_counts(output: str) -> dict[str, Any]:
+    """Counts from ``pytest -v`` lines, for a run stopped before it wrote its JUnit XML."""
+    counts, failed = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0}, []
+    for line in output.splitlines():
+        outcome, name = re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED)\b", line), re.search(r"tests/\S+::\S+", line)
+        if outcome and name:
+            counts[outcome.group(1)] += 1
+            if outcome.group(1) in ("FAILED", "ERROR"):
+                failed.append(name.group())
+    return {"collected": None, "passed": counts["PASSED"], "failed": len(failed), "skipped": counts["SKIPPED"],
+            "failed_tests": failed[:50]}
 
 
 def _junit_counts(path: Path) -> dict[str, Any]:
@@ -193,15 +222,17 @@ def step_attention(dry: bool, workdir: Path) -> dict[str, Any]:
                 "--lengths", "4096", "16384", "--methods", *ATTENTION_METHODS]
     args = bench.parse_args([*argv, "--out", str(workdir)])
     device = _device()
-    rows = []
-    for length in args.lengths:
-        for method in args.methods:
+    shape = {k: getattr(args, k) for k in ("batch", "q_heads", "kv_heads", "dims", "dtype", "lengths")}
+    result: dict[str, Any] = {"shape": {**shape, "causal": not args.bidirectional}, "rows": []}
+    rows = result["rows"]
+    for method in args.methods:  # FlexAttention (a torch.compile) last: if time runs out, it is what is lost
+        for length in args.lengths:
             rows.append(bench.measure(method, args, length, args.dims[0], device))
+            _ratios_to_flash(rows)
+            report_progress(result)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    _ratios_to_flash(rows)
-    shape = {k: getattr(args, k) for k in ("batch", "q_heads", "kv_heads", "dims", "dtype", "lengths")}
-    result = {"shape": {**shape, "causal": not args.bidirectional}, "rows": rows, "targets": _attention_targets(rows)}
+    result["targets"] = _attention_targets(rows)
     broken = [f"{r['method']} N={r['length']}: {r['error']}" for r in rows
               if "error" in r and r["method"] in FASTGIM_METHODS]
     result["other_errors"] = [f"{r['method']} N={r['length']}: {r['error']}" for r in rows
@@ -250,9 +281,10 @@ def step_explain(dry: bool, workdir: Path) -> dict[str, Any]:
                               "parameters": sum(p.numel() for p in model.parameters())}
     short, long = (64, 128) if dry else (4096, 32768)
     methods = {"fastgim": explain_suite.explain_fastgim, "grad-x-input": explain_suite.explain_grad_x_input}
-    runs = {name: _explain_run(fn, model, short, device, harness, rounds=1 if dry else 3)
-            for name, fn in methods.items()}
-    result["short"] = {"length": short, **runs}
+    runs = result["short"] = {"length": short}
+    for name, explainer in methods.items():
+        runs[name] = _explain_run(explainer, model, short, device, harness, rounds=1 if dry else 3)
+        report_progress(result)
     base, ours = runs["grad-x-input"], runs["fastgim"]
     result["short"]["time_vs_grad_x_input"] = ours["time_s"] / base["time_s"]
     result["short"]["peak_vs_grad_x_input"] = ours["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
@@ -314,6 +346,13 @@ def step_norms(dry: bool, workdir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- running the steps
 
 
+def report_progress(result: dict[str, Any]) -> None:
+    """Saves a step's partial result where the parent reads it if the step is stopped at its limit."""
+    path = os.environ.get("FASTGIM_GPU_CHECK_PROGRESS")
+    if path:
+        Path(path).write_text(json.dumps(result, default=str))
+
+
 class StepFailure(Exception):
     """A step that ran but did not pass: its partial result and log still go in the report."""
 
@@ -360,8 +399,10 @@ def spawn_step(step: str, dry: bool) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
         path = Path(folder) / f"{step}.json"
+        progress = Path(folder) / f"{step}.partial.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--result", str(path)]
-        child = subprocess.Popen([*command, *(["--dry-run"] if dry else [])], cwd=ROOT, env=_step_environment(dry),
+        env = dict(_step_environment(dry), FASTGIM_GPU_CHECK_PROGRESS=str(progress))
+        child = subprocess.Popen([*command, *(["--dry-run"] if dry else [])], cwd=ROOT, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             output, _ = child.communicate(timeout=limit)
@@ -369,6 +410,8 @@ def spawn_step(step: str, dry: bool) -> dict[str, Any]:
             os.killpg(child.pid, signal.SIGKILL)  # the step and everything it started (pytest workers)
             output, _ = child.communicate()
             record = {"status": "failed", "error": f"timed out after {limit} s", "log_tail": output[-4000:]}
+            if progress.exists():
+                record.update(result=json.loads(progress.read_text()), error=record["error"] + " (partial results)")
         else:
             if path.exists():
                 record = json.loads(path.read_text())
@@ -452,7 +495,7 @@ def markdown(report: dict[str, Any]) -> str:
 def _md_tests(result: dict) -> list[str]:
     lines = [f"`{result['command']}`", "",
              f"{result.get('passed', 0)} passed, {result.get('failed', 0)} failed, {result.get('skipped', 0)} "
-             f"skipped of {result.get('collected', 0)}"]
+             f"skipped of {_fmt(result.get('collected'))}"]
     return lines + [f"- FAILED {name}" for name in result.get("failed_tests", [])]
 
 
@@ -471,9 +514,10 @@ def _md_explain(result: dict) -> list[str]:
     lines = [f"model: {result['parameters'] / 1e9:.2f}B parameters, {result['dtype']}, built in "
              f"{result['build_s']:.1f} s", "", "| method | N | time s | peak GiB | peak above start GiB |",
              "|---|---|---|---|---|"]
-    short = result["short"]
-    runs = [(name, short["length"], short[name]) for name in ("grad-x-input", "fastgim")]
-    runs.append(("fastgim + checkpointing", result["long_checkpointed"]["length"], result["long_checkpointed"]))
+    short = result.get("short", {})
+    runs = [(name, short["length"], short[name]) for name in ("grad-x-input", "fastgim") if name in short]
+    if "long_checkpointed" in result:
+        runs.append(("fastgim + checkpointing", result["long_checkpointed"]["length"], result["long_checkpointed"]))
     for name, length, run in runs:
         extra = run["peak_extra_bytes"] / 2**30 if run.get("peak_extra_bytes") is not None else None
         lines.append(f"| {name} | {length} | {_fmt(run['time_s'])} | {_fmt(run['peak_gib'])} | {_fmt(extra)} |")

@@ -65,3 +65,22 @@ def test_a_hanging_step_is_stopped_at_its_limit(monkeypatch: pytest.MonkeyPatch)
     record = gpu_check.spawn_step("norms", dry=True)
     assert record["status"] == "failed" and record["error"] == "timed out after 0.5 s"
     assert record["seconds"] < 30
+
+
+def test_counts_from_a_stopped_pytest_log() -> None:
+    log = ("tests/test_a.py::test_x[bf16] PASSED [ 50%]\n[gw1] [ 60%] FAILED tests/test_a.py::test_y[fp16-gim]\n"
+           "[gw0] [ 70%] SKIPPED tests/test_a.py::test_z\ntests/test_a.py::test_w ERROR  [ 80%]\n== 2 failed ==\n")
+    counts = gpu_check._verbose_counts(log)
+    assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 2, 1)
+    assert counts["failed_tests"] == ["tests/test_a.py::test_y[fp16-gim]", "tests/test_a.py::test_w"]
+
+
+def test_markdown_of_partial_results() -> None:
+    """A step stopped at its limit keeps what it measured; the summary shows it."""
+    partial = {"parameters": 8.0e9, "dtype": "torch.bfloat16", "build_s": 4.0,
+               "short": {"length": 4096, "fastgim": {"time_s": 1.5, "peak_gib": 21.0, "peak_extra_bytes": 2**31}}}
+    report = {"dry_run": False, "passed": False, "environment": {"gpu": "NVIDIA H200"},
+              "steps": [{"step": "explain", "status": "failed", "error": "timed out after 130 s (partial results)",
+                         "seconds": 130.0, "limit_s": 130, "result": partial}]}
+    text = gpu_check.markdown(report)
+    assert "| fastgim | 4096 | 1.5 | 21 | 2 |" in text and "timed out after 130 s" in text
