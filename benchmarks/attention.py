@@ -8,6 +8,7 @@ forward + backward, prints a table and writes everything to a JSON file.
 Methods:
   gim_fused        fastgim.attention, triton backend, GIM on (T=2, scales 1/4, 1/4, 1/2)
   fused_plain      fastgim.attention, triton backend, GIM off (ordinary backward)
+  sdpa_gim         fastgim.attention, sdpa backend, GIM on: GIM from PyTorch's own attention kernels
   sdpa_flash       torch SDPA restricted to the flash backend (plain), GQA via enable_gqa
   naive_gim        the materialised reference backend (scores in memory, temperature backward)
   flex             torch FlexAttention (compiled, plain), where present
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 GIM_ARGS = dict(temperature=2.0, q_scale=0.25, k_scale=0.25, v_scale=0.5)
-METHODS = ("gim_fused", "fused_plain", "sdpa_flash", "naive_gim", "flex")
+METHODS = ("gim_fused", "fused_plain", "sdpa_gim", "sdpa_flash", "naive_gim", "flex")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -81,9 +82,9 @@ def _attention_fn(method: str, causal: bool) -> Callable[[torch.Tensor, torch.Te
     import fastgim
     from fastgim.settings import AttentionGIM
 
-    if method in ("gim_fused", "fused_plain", "naive_gim"):
+    if method in ("gim_fused", "fused_plain", "naive_gim", "sdpa_gim"):
         gim = AttentionGIM(**GIM_ARGS) if method != "fused_plain" else False
-        backend = "reference" if method == "naive_gim" else "triton"
+        backend = {"naive_gim": "reference", "sdpa_gim": "sdpa"}.get(method, "triton")
         return lambda q, k, v: fastgim.attention(q, k, v, causal=causal, gim=gim, backend=backend)
     if method == "sdpa_flash":
         from torch.nn.attention import SDPBackend, sdpa_kernel

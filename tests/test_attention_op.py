@@ -1,4 +1,4 @@
-"""The attention op (``fastgim.attention``): torch backend vs reference, reference vs autograd,
+"""The attention op (``fastgim.attention``): torch and sdpa backends vs reference, reference vs autograd,
 low-precision accuracy policy, custom-op registration, GIM settings plumbing and input errors."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from conftest import make_qkv, max_error
 
 import fastgim
-from fastgim.ops import attention_reference, attention_torch
+from fastgim.ops import attention_reference, attention_sdpa, attention_torch
 from fastgim.settings import AttentionGIM, GIMSettings, use_settings
 
 F64 = torch.float64
@@ -130,16 +130,31 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention_torch, "MIN_BLOCK_ROWS", 8)
 
 
-# --------------------------------------------------------------------------- torch vs reference (float64)
+SOFTCAP_ERROR = "sdpa attention backend cannot apply a logit softcap"
 
 
+def without_softcap(case: Case, backend: str) -> Case:
+    """The sdpa backend refuses softcap (tested on its own): its cases run without one."""
+    return dataclasses.replace(case, softcap=None) if backend == "sdpa" else case
+
+
+# --------------------------------------------------------------------------- torch / sdpa vs reference (float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
 @pytest.mark.parametrize("gim", list(GIMS), ids=list(GIMS))
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_torch_backend_matches_reference(case: str, gim: str, small_blocks: None) -> None:
-    q, k, v, gate, options = make_inputs(CASES[case])
+def test_backend_matches_reference(case: str, gim: str, backend: str, small_blocks: None) -> None:
+    spec = CASES[case]
+    if backend == "sdpa" and spec.softcap is not None:
+        q, k, v, gate, options = make_inputs(spec)
+        with pytest.raises(ValueError, match=SOFTCAP_ERROR):
+            fastgim.attention(q, k, v, gim=GIMS[gim], backend=backend, **options)
+        return
+    q, k, v, gate, options = make_inputs(spec)
     dout = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=F64)
     expected = run_op(q, k, v, gate, options, GIMS[gim], "reference", dout)
-    actual = run_op(q, k, v, gate, options, GIMS[gim], "torch", dout)
+    actual = run_op(q, k, v, gate, options, GIMS[gim], backend, dout)
     names = ["out", "lse", "dq", "dk", "dv", "dgate"]
     for name, a, e in zip(names, actual, expected):
         assert a.shape == e.shape and a.dtype == e.dtype, name
@@ -163,11 +178,12 @@ def test_block_sizes_agree(rows: int, causal: bool, monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-9)
 
 
-def test_fully_masked_rows_are_zero_not_nan() -> None:
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_fully_masked_rows_are_zero_not_nan(backend: str) -> None:
     q, k, v = make_qkv(1, 2, 1, 6, 6, 8, dtype=torch.float32, requires_grad=True)
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
     mask[..., 2, :] = False
-    out, lse = fastgim.attention_with_lse(q, k, v, causal=False, attention_mask=mask, backend="torch")
+    out, lse = fastgim.attention_with_lse(q, k, v, causal=False, attention_mask=mask, backend=backend)
     assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
     assert torch.isneginf(lse[:, :, 2]).all() and torch.isfinite(lse[:, :, [0, 1, 3, 4, 5]]).all()
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
@@ -306,12 +322,14 @@ def _backend_call(module, q, k, v, gate, options, rules: AttentionGIM, dout, **e
     return [out, *[g for g in grads if g is not None]]
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
 @pytest.mark.parametrize("gim", ["off", "default"])
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_accuracy_policy(dtype: torch.dtype, case: str, gim: str, small_blocks: None) -> None:
+def test_low_precision_accuracy_policy(dtype: torch.dtype, case: str, gim: str, backend: str,
+                                       small_blocks: None) -> None:
     """Error vs a float64 reference <= 2x (out) / 3x (grads) the same-precision reference's, plus eps."""
-    spec = dataclasses.replace(CASES[case], dim=32)
+    spec = without_softcap(dataclasses.replace(CASES[case], dim=32), backend)
     q, k, v, gate, options = make_inputs(spec)
     with torch.no_grad():
         q, k, v = (t.detach().to(dtype) for t in (q, k, v))
@@ -327,7 +345,8 @@ def test_low_precision_accuracy_policy(dtype: torch.dtype, case: str, gim: str, 
     exact = _backend_call(attention_reference, *widen([q, k, v]), None if gate is None else gate.double(),
                           options64, rules, dout.double())
     same_precision = _backend_call(attention_reference, q, k, v, gate, options, rules, dout, upcast=False)
-    actual = _backend_call(attention_torch, q, k, v, gate, options, rules, dout)
+    module = attention_sdpa if backend == "sdpa" else attention_torch
+    actual = _backend_call(module, q, k, v, gate, options, rules, dout)
     eps = torch.finfo(dtype).eps
     for index, (a, s, e) in enumerate(zip(actual, same_precision, exact)):
         assert a.dtype == dtype and a.shape == e.shape
@@ -354,10 +373,10 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "reference"])
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
 def test_opcheck_forward_and_backward(case: str, backend: str) -> None:
-    args = _forward_args(OPCHECK_CASES[case], backend)
+    args = _forward_args(without_softcap(OPCHECK_CASES[case], backend), backend, stats=backend == "sdpa")
     torch.library.opcheck(torch.ops.fastgim.attention_forward.default, args)
     out, lse, o_t, lse_t = torch.ops.fastgim.attention_forward.default(*args)
     q, k, v, mask, gate = args[:5]
@@ -367,13 +386,14 @@ def test_opcheck_forward_and_backward(case: str, backend: str) -> None:
     torch.library.opcheck(torch.ops.fastgim.attention_backward.default, backward_args)
 
 
-def test_torch_compile_fullgraph() -> None:
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_torch_compile_fullgraph(backend: str) -> None:
     q, k, v = make_qkv(1, 4, 2, 12, 12, 8, requires_grad=True)
     gate = torch.rand(1, 4, requires_grad=True)
 
     def fn(q, k, v, gate):
         return fastgim.attention(q, k, v, causal=True, gate=gate, gim=AttentionGIM(2.0, 0.25, 0.25, 0.5),
-                                 backend="torch")
+                                 backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     dout = torch.randn(1, 4, 12, 8)

@@ -135,7 +135,7 @@ def _reference(case, gim, tensors, dtype, upcast):
     return {"out": out, "lse": lse, **dict(zip(GRAD_NAMES, grads))}
 
 
-def _triton(case, gim, tensors):
+def _triton(case, gim, tensors, backend="triton"):
     q, k, v, gate, mask, dout = (t.detach().clone() if t is not None else None for t in tensors)
     if case.strided:
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
@@ -143,7 +143,7 @@ def _triton(case, gim, tensors):
     leaves = [t.requires_grad_() for t in (q, k, v, gate) if t is not None]
     out, lse = fastgim.attention_with_lse(
         q, k, v, causal=case.causal, attention_mask=mask, sliding_window=case.window, softcap=case.softcap,
-        gate=gate, gim=gim, backend="triton",
+        gate=gate, gim=gim, backend=backend,
     )
     out.backward(dout)
     result = {"out": out.detach(), "lse": lse.detach()}
@@ -158,12 +158,12 @@ def _error(x, ref):
     return (x[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
 
 
-def check_case(case: Case, dtype, gim: AttentionGIM) -> None:
-    """Triton vs float64 reference under the accuracy policy, every output and gradient."""
+def check_case(case: Case, dtype, gim: AttentionGIM, backend: str = "triton") -> None:
+    """``backend`` (Triton by default) vs float64 reference under the accuracy policy, every output and gradient."""
     tensors = _inputs(case, dtype)
     exact = _reference(case, gim, tensors, torch.float64, upcast=True)
     same = _reference(case, gim, tensors, dtype, upcast=False)
-    got = _triton(case, gim, tensors)
+    got = _triton(case, gim, tensors, backend)
     for name, ref in exact.items():
         if ref is None:
             assert got.get(name) is None

@@ -79,7 +79,7 @@ SHAPES = [  # batch, q heads, kv heads, q_len, kv_len, head_dim
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("gim", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "reference"])
 def test_gate_gradient_matches_float64_autograd(shape, causal, gim, dtype, backend):
     batch, hq, hkv, lq, lk, dim = shape
     q64 = torch.randn(batch, hq, lq, dim, dtype=torch.float64)

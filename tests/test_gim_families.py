@@ -98,6 +98,24 @@ def test_explain_matches_reference(family, rule):
         assert (plain - want).abs().max().item() > 1e-3 * scale, "the rule must visibly change the attribution"
 
 
+SDPA_FAMILIES = ["llama", "mistral", "qwen3", "gemma3", "phi3", "gpt2", "bert", "mixtral"]
+
+
+@pytest.mark.parametrize("rule", ["all", "temperature"])
+@pytest.mark.parametrize("family", SDPA_FAMILIES)
+def test_explain_matches_reference_on_sdpa_backend(family, rule, monkeypatch):
+    """GIM from PyTorch's own attention kernels (GQA, padding, sliding windows, bidirectional)."""
+    monkeypatch.setenv("FASTGIM_BACKEND", "sdpa")
+    test_explain_matches_reference(family, rule)
+
+
+def test_sdpa_backend_refuses_softcap_models(monkeypatch):
+    monkeypatch.setenv("FASTGIM_BACKEND", "sdpa")
+    ids, mask = _inputs("gemma2", "left", seed=3)
+    with pytest.raises(ValueError, match="cannot apply a logit softcap.*backend='torch'"):
+        explain(_model("gemma2"), ids, attention_mask=mask, baseline_token_id=0, contrast_token_id=5)
+
+
 def _snapshot(model):
     own = {name: sorted(k for k in ("forward", "_apply_gate") if k in m.__dict__) for name, m in model.named_modules()}
     hooks = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))

@@ -2,7 +2,7 @@
 
 Layering (as in FlashAttention's interface):
 
-* backends (``triton``, ``cuda``, ``torch``, ``reference``) each expose
+* backends (``triton``, ``cuda``, ``torch``, ``sdpa``, ``reference``) each expose
   ``forward(...) -> (out, lse, o_t, lse_t)`` and ``backward(...) -> (dq, dk, dv, dgate)``
   with the semantics written in :mod:`fastgim.ops.attention_reference`;
 * ``torch.library.custom_op`` ops ``fastgim::attention_forward`` and
@@ -20,12 +20,14 @@ from types import ModuleType
 
 import torch
 
+from fastgim.ops import attention_fallback as fallback
 from fastgim.settings import PLAIN, AttentionGIM, GIMSettings, current_settings
 
-BACKENDS = ("triton", "cuda", "torch", "reference")
+BACKENDS = ("triton", "cuda", "torch", "sdpa", "reference")
 
 
 def _load_backend(name: str) -> ModuleType:
+    name = fallback.primary(name)  # the op may carry a fallback chain "triton>sdpa"
     if name == "torch":
         from fastgim.ops import attention_torch as module
     elif name == "reference":
@@ -34,6 +36,8 @@ def _load_backend(name: str) -> ModuleType:
         from fastgim.ops import attention_triton as module
     elif name == "cuda":
         from fastgim.ops import attention_cuda as module
+    elif name == "sdpa":
+        from fastgim.ops import attention_sdpa as module
     else:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return module
@@ -86,10 +90,10 @@ def _attention_forward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward; the scales are carried only so that autograd hands them to the backward."""
-    out, lse, o_t, lse_t = _load_backend(backend).forward(
+    out, lse, o_t, lse_t = fallback.run(backend, q, v, lambda name: _load_backend(name).forward(
         q, k, v, attention_mask=attention_mask, gate=gate, causal=causal, scale=scale,
         sliding_window=sliding_window, softcap=softcap, temperature=temperature, want_gim_stats=want_gim_stats,
-    )
+    ))
     return out, lse, o_t, lse_t
 
 
@@ -128,11 +132,11 @@ def _attention_backward_op(
     v_scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dgate = _load_backend(backend).backward(
+    dq, dk, dv, dgate = fallback.run(backend, q, v, lambda name: _load_backend(name).backward(
         dout, q, k, v, out, lse, o_t, lse_t, attention_mask=attention_mask, gate=gate, causal=causal,
         scale=scale, sliding_window=sliding_window, softcap=softcap, temperature=temperature,
         q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-    )
+    ))
     dgate = q.new_empty(0) if dgate is None else dgate.to(gate.dtype)
     return dq, dk, dv, dgate
 
@@ -265,18 +269,24 @@ def attention_with_lse(
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve_backend(q.device, backend)
+    if backend is None and not os.environ.get("FASTGIM_BACKEND"):
+        name = fallback.automatic(name, q, v, softcap)
+    module = _load_backend(name)
     settings = _attention_gim(gim)
-    want_stats = settings.temperature != 1.0 and getattr(_load_backend(name), "STATS_IN_FORWARD", False)
+    want_stats = settings.temperature != 1.0 and getattr(module, "STATS_IN_FORWARD", False)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, gate)
     )
+    outer_gate = None if getattr(module, "GATE_IN_KERNEL", True) else gate  # gated here, by autograd
     out, lse, _, _ = _attention_forward_op(
-        q, k, v, mask, gate, bool(causal), scale,
+        q, k, v, mask, None if outer_gate is not None else gate, bool(causal), scale,
         None if sliding_window is None else int(sliding_window),
         None if softcap is None else float(softcap),
         settings.temperature, settings.q_scale, settings.k_scale, settings.v_scale,
         bool(want_stats and needs_grad), name,
     )
+    if outer_gate is not None:
+        out = out * outer_gate.to(out.dtype)[:, :, None, None]
     return out, lse
 
 
@@ -311,8 +321,9 @@ def attention(
         gate: ``(B, Hq)`` multiplier on each head's output (Causal Head Gating); differentiable.
         gim: GIM rules for the backward. None reads the active :class:`fastgim.GIM` context
             (ordinary backward outside one); False forces the ordinary backward.
-        backend: ``"triton"``, ``"cuda"``, ``"torch"`` or ``"reference"``; default ``$FASTGIM_BACKEND``
-            or the fastest available for the device.
+        backend: ``"triton"``, ``"cuda"``, ``"torch"``, ``"sdpa"`` or ``"reference"``; default
+            ``$FASTGIM_BACKEND`` or the fastest available for the device. An automatic ``triton`` that
+            cannot compile or launch warns once and runs ``sdpa`` (see :mod:`fastgim.ops.attention_fallback`).
 
     Returns:
         ``(B, Hq, Lq, Dv)`` in the dtype of ``q``. Rows with no visible key are 0.
