@@ -34,11 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"], choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--features", nargs="+", default=None, help="attention feature sets (default all)")
+    parser.add_argument("--kinds", nargs="+", default=["fwd", "dq", "dkdv"], help="attention kernels")
     parser.add_argument("--no-norms", action="store_true", help="skip the norm / activation kernels")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="head_dim 128, fp16, sm_90 only")
     parser.add_argument("--json", type=Path, default=None, help="write the per-compile records here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables here (default: next to --json)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier report JSON: reuse its records whose kernel source and Triton version match")
     args = parser.parse_args(argv)
     args.arch = args.arch or [90, 80]
     if args.quick:
@@ -52,7 +55,7 @@ def build_jobs(args: argparse.Namespace) -> list:
     from fastgim.kernels import aot
 
     features = args.features or list(aot.FEATURE_SETS)
-    jobs = aot.attention_jobs(args.arch, args.head_dim, args.dtype, features)
+    jobs = aot.attention_jobs(args.arch, args.head_dim, args.dtype, features, kinds=args.kinds)
     if not args.no_norms:
         jobs += aot.norm_jobs(args.arch, [d for d in args.dtype if d != "fp32"])
     return jobs
@@ -101,6 +104,20 @@ def summary(results: list) -> dict:
     }
 
 
+def _reusable(path: Path | None, hashes: dict) -> dict:
+    """Results of ``path`` for jobs whose kernel source hash is unchanged (errors are compiled again)."""
+    from fastgim.kernels.aot import Result
+
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for record in json.loads(path.read_text())["compiles"]:
+        result = Result.from_dict(record)
+        if result.job in hashes and record.get("source") == hashes[result.job] and not result.error:
+            out[result.job] = result
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import triton
@@ -108,14 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     from fastgim.kernels import aot
 
     jobs = build_jobs(args)
-    print(f"{len(jobs)} compiles, {args.workers} workers", file=sys.stderr)
+    hashes = {job: aot.source_hash(job) for job in jobs}
+    reused = _reusable(args.reuse, hashes)
+    todo = [job for job in jobs if job not in reused]
+    print(f"{len(jobs)} compiles ({len(jobs) - len(todo)} reused), {args.workers} workers", file=sys.stderr)
     start = time.perf_counter()
-    results = []
-    for i, result in enumerate(aot.compile_jobs(jobs, args.workers), 1):
-        results.append(result)
+    fresh = {}
+    for i, result in enumerate(aot.compile_jobs(todo, args.workers), 1):
+        fresh[result.job] = result
         flag = "ERROR" if result.error else "SPILL" if result.spills else ""
-        print(f"[{i}/{len(jobs)}] {result.job.label()} regs={result.regs} spill={result.spills} "
+        print(f"[{i}/{len(todo)}] {result.job.label()} regs={result.regs} spill={result.spills} "
               f"smem={_kib(result.shared)}KiB {flag}", file=sys.stderr, flush=True)
+    results = [fresh.get(job) or reused[job] for job in jobs]
     info = summary(results)
     info.update(triton=triton.__version__, seconds=round(time.perf_counter() - start),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -124,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown = table(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"summary": info, "compiles": [r.as_dict() for r in results]}, indent=1))
+        records = [dict(r.as_dict(), source=hashes[r.job]) for r in results]
+        args.json.write_text(json.dumps({"summary": info, "compiles": records}, indent=1))
         args.markdown.write_text(f"# Compile report\n\n```json\n{json.dumps(info, indent=1)}\n```\n\n{markdown}\n")
     else:
         print(markdown)

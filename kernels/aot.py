@@ -106,8 +106,9 @@ class Result:
 def _attention_variant(kind: str, dtype: str, flags: dict) -> str:
     from fastgim.kernels.attention import config_variant
 
+    extras = flags["HAS_SOFTCAP"] or flags["HAS_PAD"] or flags["MASK_KIND"] != 0 or flags["HAS_GATE"]
     return config_variant(kind, dtype=dtype, stats=flags["GIM"] and flags["OPTION_A"], gim=flags["GIM"],
-                          stats_from_fwd=flags["OPTION_A"])
+                          stats_from_fwd=flags["OPTION_A"], extras=extras)
 
 
 def attention_constexprs(kind: str, dtype: str, head_dim: int, flags: dict) -> dict:
@@ -294,6 +295,22 @@ def compile_job(job: Job) -> Result:
         result.error = f"{type(exc).__name__}: {str(exc)[:2000]}"
     result.seconds = time.perf_counter() - start
     return result
+
+
+def source_hash(job: Job) -> str:
+    """The kernel's Triton cache key (its source and that of every jit function it calls, and the Triton
+    version): a recorded result stays valid while it is unchanged (config tables are not part of it)."""
+    import hashlib
+
+    import triton
+
+    from fastgim.kernels import attention, gated_mlp, layer_norm, rms_norm
+
+    kernels = {**attention._KERNELS, "rms_fwd": rms_norm._rms_fwd_kernel, "rms_bwd": rms_norm._rms_bwd_kernel,
+               "ln_fwd": layer_norm._ln_fwd_kernel, "ln_bwd": layer_norm._ln_bwd_kernel,
+               "gated_fwd": gated_mlp._gated_fwd_kernel, "gated_bwd": gated_mlp._gated_bwd_kernel}
+    key = kernels[job.kernel].cache_key + triton.__version__
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def compile_jobs(jobs: list[Job], workers: int = 1) -> Iterator[Result]:

@@ -48,7 +48,15 @@ The forward splits its key loop into masked (window edge, causal diagonal, tail)
 interior blocks when there is no padding / dense mask, so interior blocks skip the mask ALU work.
 Tuning still owed on a GPU: the same split in the two backward kernels; dQ by fp32 atomics from the
 dK/dV kernel would save one matmul unit per backward (7 instead of 9 plain) at the cost of
-determinism. Offsets derived from (batch, head) are 64-bit, so large tensors do not overflow.
+determinism.
+
+Launch: every grid is flat and 1-D (``cdiv(length, BLOCK) * batch * heads`` programs on axis 0, blocks
+of one head adjacent), so batch x heads is not capped at 65535; offsets derived from (batch, head) and
+row offsets (row x stride, also for dense masks) are 64-bit, so long inputs do not overflow; each launch
+runs under ``torch.cuda.device`` of its tensors; lengths are not specialised (no recompiles per
+``L % 16``). Config tables are per kernel variant (``config_variant``) and the autotune key holds every
+constexpr, so GIM launches never reuse a config tuned for a plain launch; ``benchmarks/compile_report.py``
+compiles them all ahead of time (registers, spills, shared memory) and ``tests/test_aot.py`` guards them.
 
 Interpreter notes: softcap's tanh is written with ``exp`` (no libdevice), atomics are fp32 only,
 and one small fixed block config is used instead of autotuning.
@@ -504,33 +512,53 @@ def _bwd_dkdv_kernel(
 # --------------------------------------------------------------------------- configs and launch
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU generation (sm_90+ / sm_80-89), kernel, variant
-# (``config_variant``) and padded head_dim. Each kernel variant has its own table because the GIM
-# specialisations hold more live tiles (option A's forward a second accumulator, the GIM dK/dV kernel
-# two probability tiles) and spill in configs that suit the plain kernels.
-_TABLES = {
-    9: {
-        ("fwd", "plain"): {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-                           128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-                           256: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
-        ("dq", "plain"): {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-                          128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
-                          256: [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1)]},
-        ("dkdv", "plain"): {64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
-                            128: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)],
-                            256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)]},
-    },
-    8: {
-        ("fwd", "plain"): {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-                           128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-                           256: [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)]},
-        ("dq", "plain"): {64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-                          128: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-                          256: [(32, 32, 4, 2), (64, 32, 8, 1), (32, 64, 4, 1)]},
-        ("dkdv", "plain"): {64: [(64, 64, 4, 3), (32, 128, 4, 2), (64, 128, 8, 2)],
-                            128: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-                            256: [(32, 32, 4, 2), (32, 64, 4, 1), (16, 64, 4, 1)]},
-    },
+# (``config_variant``) and padded head_dim. Each kernel variant has its own table because the GIM and
+# extra-feature specialisations hold more live tiles (option A's forward a second accumulator, the dK/dV
+# kernel a probability tile more; softcap / masks / gate further tiles) and spill in configs that suit the
+# plain kernels. Chosen from ahead-of-time compiles (benchmarks/compile_report.py, Triton 3.9): at head_dim
+# 128 every config compiles without register spills for sm_80 and sm_90 in every feature set; head_dim 64
+# uses the same configs (fewer registers per tile). The dK/dV kernel keeps K, V, dK and dV of BLOCK_N keys
+# in registers, which only fits 32 x 64 blocks on 8 warps (and smaller) at head_dim 128; with the extra
+# features it needs num_stages=1. Head_dim 256 tables are unverified for spills (see the report).
+_D128_DKDV = [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]
+_D128_DKDV_EXTRAS = [(32, 64, 8, 1)]
+_SM90_D128 = {
+    ("fwd", "plain"): [(128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    ("fwd", "stats"): [(64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 3)],
+    ("dq", "plain"): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    ("dkdv", "plain"): _D128_DKDV, ("dkdv", "gim"): _D128_DKDV,
+    ("dkdv", "plain+extras"): _D128_DKDV_EXTRAS, ("dkdv", "gim+extras"): _D128_DKDV_EXTRAS,
 }
+_SM80_D128 = {
+    ("fwd", "plain"): [(64, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    ("fwd", "stats"): [(64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 8, 2)],
+    ("dq", "plain"): [(64, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
+    ("dq", "stats"): [(64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+    ("dq", "stats+extras"): [(64, 64, 8, 2)],
+    ("dkdv", "plain"): _D128_DKDV, ("dkdv", "gim"): _D128_DKDV,
+    ("dkdv", "plain+extras"): _D128_DKDV_EXTRAS, ("dkdv", "gim+extras"): _D128_DKDV_EXTRAS,
+}
+_SM90_D256 = {
+    ("fwd", "plain"): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    ("fwd", "stats"): [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
+    ("dq", "plain"): [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1)],
+    ("dkdv", "plain"): [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    ("dkdv", "gim"): [(16, 64, 4, 1), (32, 32, 4, 2), (16, 32, 4, 1)],
+}
+_SM80_D256 = {
+    ("fwd", "plain"): [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)],
+    ("fwd", "stats"): [(32, 32, 4, 2), (64, 32, 8, 1), (32, 64, 4, 1)],
+    ("dq", "plain"): [(32, 32, 4, 2), (64, 32, 8, 1), (32, 64, 4, 1)],
+    ("dkdv", "plain"): [(32, 32, 4, 2), (32, 64, 4, 1), (16, 64, 4, 1)],
+    ("dkdv", "gim"): [(16, 64, 4, 1), (32, 32, 4, 2), (16, 32, 4, 1)],
+}
+
+
+def _by_bucket(d128: dict, d256: dict) -> dict:
+    return {key: {64: d128[key], 128: d128[key], **({256: d256[key]} if key in d256 else {})} for key in d128}
+
+
+_TABLES = {9: _by_bucket(_SM90_D128, _SM90_D256), 8: _by_bucket(_SM80_D128, _SM80_D256)}
 # float32 tiles take twice the registers and shared memory: small blocks only. The last one also fits
 # consumer GPUs' 99 KiB of shared memory at head_dim 256.
 _FP32 = {64: [(64, 32, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 2), (32, 32, 4, 1)],
@@ -549,16 +577,20 @@ MAX_PROGRAMS = 2**31 - 1  # grid axis 0
 _TUNED: dict = {}
 
 
-def config_variant(kind: str, *, dtype: str, stats: bool, gim: bool, stats_from_fwd: bool) -> str:
+def config_variant(kind: str, *, dtype: str, stats: bool, gim: bool, stats_from_fwd: bool,
+                   extras: bool = False) -> str:
     """Which config table a launch uses: ``fp32``, or per kernel ``plain`` / ``stats`` (forward with
-    option A's statistics; dQ kernel with option B's stats loop) / ``gim`` (dK/dV kernel with GIM)."""
+    option A's statistics; dQ kernel with option B's stats loop) / ``gim`` (dK/dV kernel with GIM), with
+    ``+extras`` when softcap, key padding, a dense mask or a gate add live tiles (their own table if any)."""
     if dtype == "fp32":
         return "fp32"
     if kind == "fwd":
-        return "stats" if stats else "plain"
-    if kind == "dq":
-        return "stats" if gim and not stats_from_fwd else "plain"
-    return "gim" if gim else "plain"
+        base = "stats" if stats else "plain"
+    elif kind == "dq":
+        base = "stats" if gim and not stats_from_fwd else "plain"
+    else:
+        base = "gim" if gim else "plain"
+    return base + "+extras" if extras else base
 
 
 def config_table(kind: str, d_pad: int, capability: tuple[int, int], variant: str) -> list:
@@ -567,8 +599,10 @@ def config_table(kind: str, d_pad: int, capability: tuple[int, int], variant: st
     if variant == "fp32":
         return list(_FP32[bucket])
     tables = _TABLES[9 if capability[0] >= 9 else 8]
-    table = tables.get((kind, variant), tables[(kind, "plain")])
-    return table[bucket] + ([_FALLBACK] if _FALLBACK not in table[bucket] else [])
+    base = variant.split("+")[0]
+    key = next(k for k in ((kind, variant), (kind, base), (kind, "plain")) if k in tables and bucket in tables[k])
+    table = tables[key][bucket]
+    return table + ([_FALLBACK] if _FALLBACK not in table else [])
 
 
 def _kernel(kind: str, d_pad: int, device: torch.device, variant: str):
@@ -589,6 +623,10 @@ def _kernel(kind: str, d_pad: int, device: torch.device, variant: str):
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def _extras(pad, mask, gate, softcap) -> bool:
+    return pad is not None or mask is not None or gate is not None or softcap is not None
 
 
 def flat_grid(length: int, heads: int, block: str):
@@ -645,7 +683,8 @@ def flash_forward(
     pad_t, stride_pb, mask_t, ms, mask_kind = _mask_args(pad, mask, q)
     gate_t = gate if gate is not None else lse
     d_pad, dv_pad = _pow2(dim), _pow2(dim_v)
-    variant = config_variant("fwd", dtype=_dtype_name(q.dtype), stats=stats, gim=False, stats_from_fwd=False)
+    variant = config_variant("fwd", dtype=_dtype_name(q.dtype), stats=stats, gim=False, stats_from_fwd=False,
+                             extras=_extras(pad, mask, gate, softcap))
     kernel, meta = _kernel("fwd", max(d_pad, dv_pad), q.device, variant)
     with device_guard(q):
         kernel[flat_grid(lq, batch * hq, "BLOCK_M")](
@@ -696,8 +735,8 @@ def flash_backward(
         HAS_GATE=gate is not None, GIM=gim, PREC=_precision(q.dtype),
     )
     options = (softcap or 1.0, window or 1, temperature)
-    dtype = _dtype_name(q.dtype)
-    variant = config_variant("dq", dtype=dtype, stats=False, gim=gim, stats_from_fwd=from_fwd)
+    dtype, extras = _dtype_name(q.dtype), _extras(pad, mask, gate, softcap)
+    variant = config_variant("dq", dtype=dtype, stats=False, gim=gim, stats_from_fwd=from_fwd, extras=extras)
     kernel, meta = _kernel("dq", max(d_pad, dv_pad), q.device, variant)
     with device_guard(q):
         kernel[flat_grid(lq, batch * hq, "BLOCK_M")](
@@ -706,7 +745,7 @@ def flash_backward(
             hq, hq // hkv, lq, lk, dim, dim_v, scale, *options, scale * q_scale,
             _pow2(lq), _pow2(lk), STATS_FROM_FWD=from_fwd, **common, **meta,
         )
-    variant = config_variant("dkdv", dtype=dtype, stats=False, gim=gim, stats_from_fwd=from_fwd)
+    variant = config_variant("dkdv", dtype=dtype, stats=False, gim=gim, stats_from_fwd=from_fwd, extras=extras)
     kernel, meta = _kernel("dkdv", max(d_pad, dv_pad), q.device, variant)
     with device_guard(q):
         kernel[flat_grid(lk, batch * hkv, "BLOCK_N")](

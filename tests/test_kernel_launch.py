@@ -168,7 +168,7 @@ def test_autotune_key_covers_every_feature_constexpr(kind):
 
 
 @pytest.mark.parametrize("kind, variant", [("fwd", "plain"), ("fwd", "stats"), ("dq", "stats"), ("dkdv", "gim"),
-                                           ("dkdv", "fp32")])
+                                           ("dkdv", "gim+extras"), ("dkdv", "fp32")])
 def test_autotuner_uses_the_key_and_the_variants_table(monkeypatch, kind, variant):
     monkeypatch.setattr(attention, "INTERPRET", False)
     monkeypatch.setattr(attention, "_TUNED", {})
@@ -200,6 +200,9 @@ def test_variants_pick_the_gim_tables():
     assert variant("dq", dtype="fp16", stats=False, gim=True, stats_from_fwd=True) == "plain"
     assert variant("dkdv", dtype="fp16", stats=False, gim=True, stats_from_fwd=True) == "gim"
     assert variant("dkdv", dtype="fp32", stats=False, gim=False, stats_from_fwd=False) == "fp32"
+    assert variant("dkdv", dtype="bf16", stats=False, gim=True, stats_from_fwd=False, extras=True) == "gim+extras"
+    # a variant without a table of its own falls back to its base table
+    assert attention.config_table("fwd", 64, (9, 0), "plain+extras") == attention.config_table("fwd", 64, (9, 0), "plain")
 
 
 # --------------------------------------------------------------------------- 64-bit offsets
