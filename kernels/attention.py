@@ -48,7 +48,15 @@ The forward splits its key loop into masked (window edge, causal diagonal, tail)
 interior blocks when there is no padding / dense mask, so interior blocks skip the mask ALU work.
 Tuning still owed on a GPU: the same split in the two backward kernels; dQ by fp32 atomics from the
 dK/dV kernel would save one matmul unit per backward (7 instead of 9 plain) at the cost of
-determinism. Offsets derived from (batch, head) are 64-bit, so large tensors do not overflow.
+determinism.
+
+Launch: every grid is flat and 1-D (``cdiv(length, BLOCK) * batch * heads`` programs on axis 0, blocks
+of one head adjacent), so batch x heads is not capped at 65535; offsets derived from (batch, head) and
+row offsets (row x stride, also for dense masks) are 64-bit, so long inputs do not overflow; each launch
+runs under ``torch.cuda.device`` of its tensors; lengths are not specialised (no recompiles per
+``L % 16``). Config tables are per kernel variant (``config_variant``) and the autotune key holds every
+constexpr, so GIM launches never reuse a config tuned for a plain launch; ``benchmarks/compile_report.py``
+compiles them all ahead of time (registers, spills, shared memory) and ``tests/test_aot.py`` guards them.
 
 Interpreter notes: softcap's tanh is written with ``exp`` (no libdevice), atomics are fp32 only,
 and one small fixed block config is used instead of autotuning.
@@ -62,7 +70,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgim.kernels.launch import device_guard
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Lengths are not specialised (divisibility by 16, == 1): each distinct value class would compile again,
+# and they only bound masks. LQ_KEY / LK_KEY (powers of two) are the autotune key.
+_NO_SPECIALIZE = ["Lq", "Lk", "LQ_KEY", "LK_KEY"]
 
 MASK_NONE = 0
 MASK_BOOL = 1
@@ -85,6 +99,21 @@ def _tanh(x):
 
 
 @triton.jit
+def _tile(base, rows, cols, stride_r, stride_c):
+    """Pointers ``base[rows, cols]``; row offsets in 64 bits (rows x stride passes 2^31 for long inputs)."""
+    return base + rows[:, None].to(tl.int64) * stride_r + cols[None, :] * stride_c
+
+
+@triton.jit
+def _program(length, BLOCK: tl.constexpr):
+    """(block index, batch * head index as int64) of a flat 1-D grid of ``cdiv(length, BLOCK) * heads``
+    programs (axis 0 holds 2^31 - 1 programs, the other axes only 65535); blocks of one head are adjacent."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(length, BLOCK)
+    return pid % n_blocks, (pid // n_blocks).to(tl.int64)
+
+
+@triton.jit
 def _scores(
     q, k, offs_m, offs_n, b, h, Lq, Lk, scale, softcap, window,
     Pad, stride_pb, Mask, smb, smh, smq, smk,
@@ -99,7 +128,7 @@ def _scores(
         s = softcap * t
     in_k = offs_n < Lk
     if MASK_KIND == 2:
-        ptrs = Mask + b * smb + h * smh + offs_m[:, None] * smq + offs_n[None, :] * smk
+        ptrs = _tile(Mask + b * smb + h * smh, offs_m, offs_n, smq, smk)
         bounds = (offs_m[:, None] < Lq) & in_k[None, :]
         s = s + tl.load(ptrs, mask=bounds, other=0.0).to(tl.float32)
     keep = in_k[None, :]  # (1, BLOCK_N); broadcasts against the 2D conditions
@@ -115,7 +144,7 @@ def _scores(
         pad = tl.load(Pad + b * stride_pb + offs_n, mask=in_k, other=0)
         keep = keep & (pad != 0)[None, :]
     if MASK_KIND == 1:
-        ptrs = Mask + b * smb + h * smh + offs_m[:, None] * smq + offs_n[None, :] * smk
+        ptrs = _tile(Mask + b * smb + h * smh, offs_m, offs_n, smq, smk)
         bounds = (offs_m[:, None] < Lq) & in_k[None, :]
         keep = keep & (tl.load(ptrs, mask=bounds, other=0) != 0)
     s = tl.where(keep, s, float("-inf"))
@@ -180,28 +209,29 @@ def _unmasked_key_range(start_m, lo, hi, Lq, Lk, window, BLOCK_M: tl.constexpr, 
 
 @triton.jit
 def _fwd_blocks(
-    state, q, k_base, v_base, offs_m, offs_d, offs_dv, lo, hi, b, h,
+    m_i, l_i, acc, m_t, l_t, acc_t, q, k_base, v_base, offs_m, offs_d, offs_dv, lo, hi, b, h,
     skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
     Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, MASK_KIND: tl.constexpr,
     STATS: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Online-softmax update of ``state = (m, l, acc, m_T, l_T, acc_T)`` over key blocks [lo, hi)."""
-    m_i, l_i, acc, m_t, l_t, acc_t = state
+    """Online-softmax update of ``(m, l, acc, m_T, l_T, acc_T)`` over key blocks [lo, hi).
+
+    The state travels as separate values, not a tuple: Triton before 3.3 cannot pass tuples to jit functions."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            k = tl.load(_tile(k_base, offs_n, offs_d, skn, skd),
                         mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            v = tl.load(_tile(v_base, offs_n, offs_dv, svn, svd),
                         mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
             s, _t = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, softcap, window,
                             Pad, stride_pb, Mask, smb, smh, smq, smk,
                             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD, MASK_KIND, PREC)
         else:
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            k = tl.load(_tile(k_base, offs_n, offs_d, skn, skd),
                         mask=offs_d[None, :] < D, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            v = tl.load(_tile(v_base, offs_n, offs_dv, svn, svd),
                         mask=offs_dv[None, :] < DV, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             if HAS_SOFTCAP:
@@ -225,7 +255,7 @@ def _fwd_blocks(
     return m_i, l_i, acc, m_t, l_t, acc_t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, Out, Lse, OT, LseT, Gate, Pad, Mask,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -237,8 +267,7 @@ def _fwd_kernel(
     HAS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, HAS_GATE: tl.constexpr, STATS: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large tensors
+    pid_m, pid_bh = _program(Lq, BLOCK_M)
     b = pid_bh // Hq
     h = pid_bh % Hq
     kvh = h // GROUP
@@ -246,7 +275,7 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    q = tl.load(_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd),
                 mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
@@ -258,28 +287,34 @@ def _fwd_kernel(
     l_t = tl.zeros([BLOCK_M], tl.float32)
     acc_t = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     lo, hi = _key_range(start_m, Lq, Lk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    state = (m_i, l_i, acc, m_t, l_t, acc_t)
     if HAS_PAD or MASK_KIND != 0:
-        state = _fwd_blocks(state, q, k_base, v_base, offs_m, offs_d, offs_dv, lo, hi, b, h,
-                            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
-                            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
-                            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, True)
+        m_i, l_i, acc, m_t, l_t, acc_t = _fwd_blocks(
+            m_i, l_i, acc, m_t, l_t, acc_t, q, k_base, v_base, offs_m, offs_d, offs_dv, lo, hi, b, h,
+            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
+            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, True,
+        )
     else:  # interior blocks need no mask: three ranges, masked / unmasked / masked
         full_lo, full_hi = _unmasked_key_range(start_m, lo, hi, Lq, Lk, window, BLOCK_M, BLOCK_N,
                                                IS_CAUSAL, HAS_WINDOW)
-        state = _fwd_blocks(state, q, k_base, v_base, offs_m, offs_d, offs_dv, lo, full_lo, b, h,
-                            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
-                            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
-                            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, True)
-        state = _fwd_blocks(state, q, k_base, v_base, offs_m, offs_d, offs_dv, full_lo, full_hi, b, h,
-                            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
-                            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
-                            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, False)
-        state = _fwd_blocks(state, q, k_base, v_base, offs_m, offs_d, offs_dv, full_hi, hi, b, h,
-                            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
-                            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
-                            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, True)
-    m_i, l_i, acc, m_t, l_t, acc_t = state
+        m_i, l_i, acc, m_t, l_t, acc_t = _fwd_blocks(
+            m_i, l_i, acc, m_t, l_t, acc_t, q, k_base, v_base, offs_m, offs_d, offs_dv, lo, full_lo, b, h,
+            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
+            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, True,
+        )
+        m_i, l_i, acc, m_t, l_t, acc_t = _fwd_blocks(
+            m_i, l_i, acc, m_t, l_t, acc_t, q, k_base, v_base, offs_m, offs_d, offs_dv, full_lo, full_hi, b, h,
+            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
+            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, False,
+        )
+        m_i, l_i, acc, m_t, l_t, acc_t = _fwd_blocks(
+            m_i, l_i, acc, m_t, l_t, acc_t, q, k_base, v_base, offs_m, offs_d, offs_dv, full_hi, hi, b, h,
+            skn, skd, svn, svd, Lq, Lk, D, DV, scale, softcap, window, temperature,
+            Pad, stride_pb, Mask, smb, smh, smq, smk, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
+            HAS_SOFTCAP, HAS_PAD, MASK_KIND, STATS, PREC, True,
+        )
 
     row = pid_bh * Lq + offs_m
     in_q = offs_m < Lq
@@ -302,7 +337,7 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq_kernel(
     Q, K, V, DO, Out, Lse, OT, LseT, Delta, DQ, Gate, Pad, Mask,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
@@ -314,8 +349,7 @@ def _bwd_dq_kernel(
     HAS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, HAS_GATE: tl.constexpr, GIM: tl.constexpr,
     STATS_FROM_FWD: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large tensors
+    pid_m, pid_bh = _program(Lq, BLOCK_M)
     b = pid_bh // Hq
     h = pid_bh % Hq
     kvh = h // GROUP
@@ -325,9 +359,9 @@ def _bwd_dq_kernel(
     offs_dv = tl.arange(0, DV_PAD)
     in_q = offs_m < Lq
     row = pid_bh * Lq + offs_m
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    q = tl.load(_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd),
                 mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
+    do = tl.load(_tile(DO + b * sdb + h * sdh, offs_m, offs_dv, sdm, sdd),
                  mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
@@ -348,9 +382,9 @@ def _bwd_dq_kernel(
             u = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(lo, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
-                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                k = tl.load(_tile(k_base, offs_n, offs_d, skn, skd),
                             mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                v = tl.load(_tile(v_base, offs_n, offs_dv, svn, svd),
                             mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
                 s, _t = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, softcap, window,
                                 Pad, stride_pb, Mask, smb, smh, smq, smk,
@@ -379,9 +413,9 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        k = tl.load(_tile(k_base, offs_n, offs_d, skn, skd),
                     mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        v = tl.load(_tile(v_base, offs_n, offs_dv, svn, svd),
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
         s, t = _scores(q, k, offs_m, offs_n, b, h, Lq, Lk, scale, softcap, window,
                        Pad, stride_pb, Mask, smb, smh, smq, smk,
@@ -400,7 +434,7 @@ def _bwd_dq_kernel(
     tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * dq_factor).to(DQ.dtype.element_ty), mask=dq_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, LseT, Delta, DK, DV_out, DGate, Gate, Pad, Mask,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
@@ -412,17 +446,16 @@ def _bwd_dkdv_kernel(
     HAS_PAD: tl.constexpr, MASK_KIND: tl.constexpr, HAS_GATE: tl.constexpr, GIM: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large tensors
+    pid_n, pid_bkv = _program(Lk, BLOCK_N)
     b = pid_bkv // Hkv
     kvh = pid_bkv % Hkv
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+    k = tl.load(_tile(K + b * skb + kvh * skh, offs_n, offs_d, skn, skd),
                 mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+    v = tl.load(_tile(V + b * svb + kvh * svh, offs_n, offs_dv, svn, svd),
                 mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
@@ -438,9 +471,9 @@ def _bwd_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             in_q = offs_m < Lq
             row = bh * Lq + offs_m
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            q = tl.load(_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqm, sqd),
                         mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
+            do = tl.load(_tile(DO + b * sdb + h * sdh, offs_m, offs_dv, sdm, sdd),
                          mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
             lse = tl.load(Lse + row, mask=in_q, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -449,13 +482,15 @@ def _bwd_dkdv_kernel(
                            Pad, stride_pb, Mask, smb, smh, smq, smk,
                            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD, MASK_KIND, PREC)
             p = tl.exp(s - lse[:, None])
+            # dV first, then dP: fewer (BLOCK_M, BLOCK_N) tiles live at once (register pressure)
+            if HAS_GATE:
+                dv += tl.dot(tl.trans((p * g).to(do.dtype)), do, input_precision=PREC)
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             if HAS_GATE:
                 dgate += tl.sum(tl.sum(p * dp, 1), 0)
                 dp = dp * g
-                dv += tl.dot(tl.trans((p * g).to(do.dtype)), do, input_precision=PREC)
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             if GIM:
                 lse_t = tl.load(LseT + row, mask=in_q, other=0.0)
                 lse_t = tl.where(lse_t == float("-inf"), 0.0, lse_t)
@@ -476,57 +511,135 @@ def _bwd_dkdv_kernel(
 
 # --------------------------------------------------------------------------- configs and launch
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, GPU generation and padded head_dim.
-_SM90 = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-            128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-            256: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)]},
-    "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-           128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
-           256: [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1)]},
-    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
-             128: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)],
-             256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)]},
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU generation (sm_90+ / sm_80-89), kernel, variant
+# (``config_variant``) and padded head_dim. Each kernel variant has its own table because the GIM and
+# extra-feature specialisations hold more live tiles (option A's forward a second accumulator, the dK/dV
+# kernel a probability tile more; softcap / masks / gate further tiles) and spill in configs that suit the
+# plain kernels. Chosen from ahead-of-time compiles (benchmarks/compile_report.py, Triton 3.9): at head_dim
+# 128 every config compiles without register spills for sm_80 and sm_90 in every feature set; head_dim 64
+# uses the same configs (fewer registers per tile). The dK/dV kernel keeps K, V, dK and dV of BLOCK_N keys
+# in registers, which only fits 32 x 64 blocks on 8 warps (and smaller) at head_dim 128; with the extra
+# features it needs num_stages=1. Head_dim 256 tables are unverified for spills (see the report).
+_D128_DKDV = [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]
+_D128_DKDV_EXTRAS = [(32, 64, 8, 1)]
+_SM90_D128 = {
+    ("fwd", "plain"): [(128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
+    ("fwd", "stats"): [(64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 3)],
+    ("dq", "plain"): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    ("dkdv", "plain"): _D128_DKDV, ("dkdv", "gim"): _D128_DKDV,
+    ("dkdv", "plain+extras"): _D128_DKDV_EXTRAS, ("dkdv", "gim+extras"): _D128_DKDV_EXTRAS,
 }
-_SM80 = {
-    "fwd": {64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-            128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-            256: [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)]},
-    "dq": {64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-           128: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-           256: [(32, 32, 4, 2), (64, 32, 8, 1), (32, 64, 4, 1)]},
-    "dkdv": {64: [(64, 64, 4, 3), (32, 128, 4, 2), (64, 128, 8, 2)],
-             128: [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-             256: [(32, 32, 4, 2), (32, 64, 4, 1), (16, 64, 4, 1)]},
+_SM80_D128 = {
+    ("fwd", "plain"): [(64, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    ("fwd", "stats"): [(64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 8, 2)],
+    ("dq", "plain"): [(64, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
+    ("dq", "stats"): [(64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+    ("dq", "stats+extras"): [(64, 64, 8, 2)],
+    ("dkdv", "plain"): _D128_DKDV, ("dkdv", "gim"): _D128_DKDV,
+    ("dkdv", "plain+extras"): _D128_DKDV_EXTRAS, ("dkdv", "gim+extras"): _D128_DKDV_EXTRAS,
 }
+_SM90_D256 = {
+    ("fwd", "plain"): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+    ("fwd", "stats"): [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
+    ("dq", "plain"): [(64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 1)],
+    ("dkdv", "plain"): [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    ("dkdv", "gim"): [(16, 64, 4, 1), (32, 32, 4, 2), (16, 32, 4, 1)],
+}
+_SM80_D256 = {
+    ("fwd", "plain"): [(64, 32, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2)],
+    ("fwd", "stats"): [(32, 32, 4, 2), (64, 32, 8, 1), (32, 64, 4, 1)],
+    ("dq", "plain"): [(32, 32, 4, 2), (64, 32, 8, 1), (32, 64, 4, 1)],
+    ("dkdv", "plain"): [(32, 32, 4, 2), (32, 64, 4, 1), (16, 64, 4, 1)],
+    ("dkdv", "gim"): [(16, 64, 4, 1), (32, 32, 4, 2), (16, 32, 4, 1)],
+}
+
+
+def _by_bucket(d128: dict, d256: dict) -> dict:
+    return {key: {64: d128[key], 128: d128[key], **({256: d256[key]} if key in d256 else {})} for key in d128}
+
+
+_TABLES = {9: _by_bucket(_SM90_D128, _SM90_D256), 8: _by_bucket(_SM80_D128, _SM80_D256)}
+# float32 tiles take twice the registers and shared memory: small blocks only. The last one also fits
+# consumer GPUs' 99 KiB of shared memory at head_dim 256.
+_FP32 = {64: [(64, 32, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 2), (32, 32, 4, 1)],
+         256: [(32, 32, 4, 1), (16, 32, 4, 1)]}
+# Appended to every half-precision table: fits the shared memory of any supported GPU.
 _FALLBACK = (32, 32, 4, 1)
 _INTERPRET_BLOCKS = (32, 32)
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
-_TUNE_KEY = ["LQ_KEY", "LK_KEY", "D_PAD", "DV_PAD", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "MASK_KIND"]
+_TUNE_KEY_COMMON = ["LQ_KEY", "LK_KEY", "D_PAD", "DV_PAD", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP",
+                    "HAS_PAD", "MASK_KIND", "HAS_GATE", "PREC"]
+# Every constexpr that changes the kernel (except the tuned block sizes) is in its autotune key, so a
+# config tuned for a plain call is never reused for a GIM call of other register pressure.
+TUNE_KEYS = {"fwd": _TUNE_KEY_COMMON + ["STATS"], "dq": _TUNE_KEY_COMMON + ["GIM", "STATS_FROM_FWD"],
+             "dkdv": _TUNE_KEY_COMMON + ["GIM"]}
+MAX_PROGRAMS = 2**31 - 1  # grid axis 0
 _TUNED: dict = {}
 
 
-def _configs(kind: str, d_pad: int, capability: tuple[int, int]) -> list:
-    table = _SM90 if capability[0] >= 9 else _SM80
+def config_variant(kind: str, *, dtype: str, stats: bool, gim: bool, stats_from_fwd: bool,
+                   extras: bool = False) -> str:
+    """Which config table a launch uses: ``fp32``, or per kernel ``plain`` / ``stats`` (forward with
+    option A's statistics; dQ kernel with option B's stats loop) / ``gim`` (dK/dV kernel with GIM), with
+    ``+extras`` when softcap, key padding, a dense mask or a gate add live tiles (their own table if any)."""
+    if dtype == "fp32":
+        return "fp32"
+    if kind == "fwd":
+        base = "stats" if stats else "plain"
+    elif kind == "dq":
+        base = "stats" if gim and not stats_from_fwd else "plain"
+    else:
+        base = "gim" if gim else "plain"
+    return base + "+extras" if extras else base
+
+
+def config_table(kind: str, d_pad: int, capability: tuple[int, int], variant: str) -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs the autotuner may pick."""
     bucket = 64 if d_pad <= 64 else 128 if d_pad <= 128 else 256
-    # The last config fits the shared memory of any supported GPU (float32 at head_dim 256 too);
-    # configs that do not fit are skipped by the autotuner.
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in table[kind][bucket] + [_FALLBACK]]
+    if variant == "fp32":
+        return list(_FP32[bucket])
+    tables = _TABLES[9 if capability[0] >= 9 else 8]
+    base = variant.split("+")[0]
+    key = next(k for k in ((kind, variant), (kind, base), (kind, "plain")) if k in tables and bucket in tables[k])
+    table = tables[key][bucket]
+    return table + ([_FALLBACK] if _FALLBACK not in table else [])
 
 
-def _kernel(kind: str, d_pad: int, device: torch.device):
+def _kernel(kind: str, d_pad: int, device: torch.device, variant: str):
     """The kernel to launch and the fixed block meta-parameters (empty when autotuned)."""
     if INTERPRET or device.type != "cuda":
         return _KERNELS[kind], {"BLOCK_M": _INTERPRET_BLOCKS[0], "BLOCK_N": _INTERPRET_BLOCKS[1]}
     capability = torch.cuda.get_device_capability(device)
-    cache_key = (kind, d_pad, capability)
+    cache_key = (kind, d_pad, capability, variant)
     if cache_key not in _TUNED:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                   for bm, bn, w, st in config_table(kind, d_pad, capability, variant)]
         reset = ["DGate"] if kind == "dkdv" else None
-        _TUNED[cache_key] = triton.autotune(
-            configs=_configs(kind, d_pad, capability), key=_TUNE_KEY, reset_to_zero=reset
-        )(_KERNELS[kind])
+        # configs that do not fit the device's shared memory are skipped by the autotuner
+        _TUNED[cache_key] = triton.autotune(configs=configs, key=TUNE_KEYS[kind], reset_to_zero=reset)(
+            _KERNELS[kind])
     return _TUNED[cache_key], {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def _extras(pad, mask, gate, softcap) -> bool:
+    return pad is not None or mask is not None or gate is not None or softcap is not None
+
+
+def flat_grid(length: int, heads: int, block: str):
+    """Grid function of the flat 1-D grid ``cdiv(length, BLOCK) * heads`` (see ``_program``)."""
+
+    def grid(meta: dict) -> tuple[int]:
+        programs = triton.cdiv(length, meta[block]) * heads
+        if programs > MAX_PROGRAMS:
+            raise ValueError(f"attention of {heads} batch x heads at length {length} needs {programs} programs, "
+                             f"more than a CUDA grid holds ({MAX_PROGRAMS}); split the batch")
+        return (programs,)
+
+    return grid
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -570,17 +683,19 @@ def flash_forward(
     pad_t, stride_pb, mask_t, ms, mask_kind = _mask_args(pad, mask, q)
     gate_t = gate if gate is not None else lse
     d_pad, dv_pad = _pow2(dim), _pow2(dim_v)
-    kernel, meta = _kernel("fwd", max(d_pad, dv_pad), q.device)
-    grid = lambda m: (triton.cdiv(lq, m["BLOCK_M"]), batch * hq)
-    kernel[grid](
-        q, k, v, out, lse, o_t if stats else out, lse_t if stats else lse, gate_t, pad_t, mask_t,
-        *q.stride(), *k.stride(), *v.stride(), stride_pb, *ms,
-        hq, hq // hkv, lq, lk, dim, dim_v, scale, softcap or 1.0, window or 1, temperature,
-        _pow2(lq), _pow2(lk),
-        D_PAD=d_pad, DV_PAD=dv_pad, IS_CAUSAL=causal, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_PAD=pad is not None, MASK_KIND=mask_kind,
-        HAS_GATE=gate is not None, STATS=stats, PREC=_precision(q.dtype), **meta,
-    )
+    variant = config_variant("fwd", dtype=_dtype_name(q.dtype), stats=stats, gim=False, stats_from_fwd=False,
+                             extras=_extras(pad, mask, gate, softcap))
+    kernel, meta = _kernel("fwd", max(d_pad, dv_pad), q.device, variant)
+    with device_guard(q):
+        kernel[flat_grid(lq, batch * hq, "BLOCK_M")](
+            q, k, v, out, lse, o_t if stats else out, lse_t if stats else lse, gate_t, pad_t, mask_t,
+            *q.stride(), *k.stride(), *v.stride(), stride_pb, *ms,
+            hq, hq // hkv, lq, lk, dim, dim_v, scale, softcap or 1.0, window or 1, temperature,
+            _pow2(lq), _pow2(lk),
+            D_PAD=d_pad, DV_PAD=dv_pad, IS_CAUSAL=causal, HAS_WINDOW=window is not None,
+            HAS_SOFTCAP=softcap is not None, HAS_PAD=pad is not None, MASK_KIND=mask_kind,
+            HAS_GATE=gate is not None, STATS=stats, PREC=_precision(q.dtype), **meta,
+        )
     return out, lse, o_t, lse_t
 
 
@@ -620,18 +735,23 @@ def flash_backward(
         HAS_GATE=gate is not None, GIM=gim, PREC=_precision(q.dtype),
     )
     options = (softcap or 1.0, window or 1, temperature)
-    kernel, meta = _kernel("dq", max(d_pad, dv_pad), q.device)
-    kernel[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), batch * hq)](
-        q, k, v, dout, out, lse, o_t, lse_t, delta, dq, gate_t, pad_t, mask_t,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), stride_pb, *ms,
-        hq, hq // hkv, lq, lk, dim, dim_v, scale, *options, scale * q_scale,
-        _pow2(lq), _pow2(lk), STATS_FROM_FWD=from_fwd, **common, **meta,
-    )
-    kernel, meta = _kernel("dkdv", max(d_pad, dv_pad), q.device)
-    kernel[lambda m: (triton.cdiv(lk, m["BLOCK_N"]), batch * hkv)](
-        q, k, v, dout, lse, lse_t, delta, dk, dv, dgate, gate_t, pad_t, mask_t,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), stride_pb, *ms,
-        hq, hkv, hq // hkv, lq, lk, dim, dim_v, scale, *options, scale * k_scale, v_scale,
-        _pow2(lq), _pow2(lk), **common, **meta,
-    )
+    dtype, extras = _dtype_name(q.dtype), _extras(pad, mask, gate, softcap)
+    variant = config_variant("dq", dtype=dtype, stats=False, gim=gim, stats_from_fwd=from_fwd, extras=extras)
+    kernel, meta = _kernel("dq", max(d_pad, dv_pad), q.device, variant)
+    with device_guard(q):
+        kernel[flat_grid(lq, batch * hq, "BLOCK_M")](
+            q, k, v, dout, out, lse, o_t, lse_t, delta, dq, gate_t, pad_t, mask_t,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), stride_pb, *ms,
+            hq, hq // hkv, lq, lk, dim, dim_v, scale, *options, scale * q_scale,
+            _pow2(lq), _pow2(lk), STATS_FROM_FWD=from_fwd, **common, **meta,
+        )
+    variant = config_variant("dkdv", dtype=dtype, stats=False, gim=gim, stats_from_fwd=from_fwd, extras=extras)
+    kernel, meta = _kernel("dkdv", max(d_pad, dv_pad), q.device, variant)
+    with device_guard(q):
+        kernel[flat_grid(lk, batch * hkv, "BLOCK_N")](
+            q, k, v, dout, lse, lse_t, delta, dk, dv, dgate, gate_t, pad_t, mask_t,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), stride_pb, *ms,
+            hq, hkv, hq // hkv, lq, lk, dim, dim_v, scale, *options, scale * k_scale, v_scale,
+            _pow2(lq), _pow2(lk), **common, **meta,
+        )
     return dq, dk, dv, (dgate.to(gate.dtype) if gate is not None else None)

@@ -14,8 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgim.kernels.launch import device_guard
+
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2, "gelu_new": 3}
 BLOCK = 2048
+NUM_WARPS = 8
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _KAPPA = tl.constexpr(0.044715)
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -85,8 +88,9 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
     out = torch.empty_like(gate)
     numel = gate.numel()
     if numel:
-        _gated_fwd_kernel[(triton.cdiv(numel, BLOCK),)](gate, up, out, numel, ACT=act, BLOCK_SIZE=BLOCK,
-                                                        num_warps=8)
+        with device_guard(gate):
+            _gated_fwd_kernel[(triton.cdiv(numel, BLOCK),)](gate, up, out, numel, ACT=act, BLOCK_SIZE=BLOCK,
+                                                            num_warps=NUM_WARPS)
     return out
 
 
@@ -100,6 +104,9 @@ def gated_backward(
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     numel = gate.numel()
     if numel:
-        _gated_bwd_kernel[(triton.cdiv(numel, BLOCK),)](dout, gate, up, dgate, dup, numel, float(gate_scale),
-                                                        float(up_scale), ACT=act, BLOCK_SIZE=BLOCK, num_warps=8)
+        with device_guard(gate):
+            _gated_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
+                dout, gate, up, dgate, dup, numel, float(gate_scale), float(up_scale), ACT=act, BLOCK_SIZE=BLOCK,
+                num_warps=NUM_WARPS,
+            )
     return dgate, dup

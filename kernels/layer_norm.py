@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgim.kernels.launch import device_guard
 from fastgim.kernels.rms_norm import backward_programs, block_config, check_rows
 
 CASTS = ("torch", "fp32", "cohere")
@@ -99,11 +100,12 @@ def layer_norm_forward(
     mean = torch.empty((rows,), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if rows > 0:
-        _ln_fwd_kernel[(triton.cdiv(rows, block_m),)](
-            x, x if weight is None else weight, x if bias is None else bias, out, mean, rstd, rows, hidden,
-            float(eps), HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps,
-        )
+        with device_guard(x):
+            _ln_fwd_kernel[(triton.cdiv(rows, block_m),)](
+                x, x if weight is None else weight, x if bias is None else bias, out, mean, rstd, rows, hidden,
+                float(eps), HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps,
+            )
     return out, mean, rstd
 
 
@@ -129,10 +131,12 @@ def layer_norm_backward(
     dw_part = torch.zeros((programs, hidden) if has_w_grad else (0,), dtype=torch.float32, device=x.device)
     db_part = torch.zeros((programs, hidden) if has_b else (0,), dtype=torch.float32, device=x.device)
     if rows > 0:
-        _ln_bwd_kernel[(programs,)](
-            dy, x, weight if has_w else x, mean, rstd, dx, dw_part, db_part, rows, hidden, rows_per_prog,
-            HAS_W=has_w, WANT_DW=has_w_grad, WANT_DB=has_b, FROZEN=bool(frozen), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
+        with device_guard(x):
+            _ln_bwd_kernel[(programs,)](
+                dy, x, weight if has_w else x, mean, rstd, dx, dw_part, db_part, rows, hidden, rows_per_prog,
+                HAS_W=has_w, WANT_DW=has_w_grad, WANT_DB=has_b, FROZEN=bool(frozen), BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=warps,
+            )
     dw = dw_part.sum(0).to(weight.dtype) if has_w_grad else None
     db = db_part.sum(0).to(bias.dtype) if has_b else None
     return dx, dw, db

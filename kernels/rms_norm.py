@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgim.kernels.launch import device_guard
+
 CASTS = {"llama": 0, "gemma": 1, "olmo2": 2}
 MAX_HIDDEN = 65536
 
@@ -140,10 +142,11 @@ def rms_norm_forward(
     rstd = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, rstd
-    grid = (triton.cdiv(rows, block_m),)
-    _rms_fwd_kernel[grid](x, x if weight is None else weight, out, rstd, rows, hidden, float(eps),
-                          float(weight_offset), HAS_W=weight is not None, CAST=CASTS[cast], BLOCK_M=block_m,
-                          BLOCK_N=block_n, num_warps=warps)
+    with device_guard(x):
+        _rms_fwd_kernel[(triton.cdiv(rows, block_m),)](
+            x, x if weight is None else weight, out, rstd, rows, hidden, float(eps), float(weight_offset),
+            HAS_W=weight is not None, CAST=CASTS[cast], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )
     return out, rstd
 
 
@@ -172,9 +175,12 @@ def rms_norm_backward(
     want_dw = has_w and want_dweight
     partial = torch.empty((programs, hidden) if want_dw else (0,), dtype=torch.float32, device=x.device)
     if rows > 0:
-        _rms_bwd_kernel[(programs,)](dy, x, weight if has_w else x, rstd, dx, partial, rows, hidden,
-                                     float(weight_offset), rows_per_prog, HAS_W=has_w, WANT_DW=want_dw, CAST=CASTS[cast],
-                                     FROZEN=bool(frozen), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        with device_guard(x):
+            _rms_bwd_kernel[(programs,)](
+                dy, x, weight if has_w else x, rstd, dx, partial, rows, hidden, float(weight_offset), rows_per_prog,
+                HAS_W=has_w, WANT_DW=want_dw, CAST=CASTS[cast], FROZEN=bool(frozen), BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=warps,
+            )
     if not want_dw:
         return dx, None
     dw = partial.sum(0) if rows > 0 else torch.zeros(hidden, dtype=torch.float32, device=x.device)
