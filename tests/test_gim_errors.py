@@ -88,10 +88,11 @@ def test_architecture_not_routed_through_interface(family):
         model = t.GPTJForCausalLM(t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
                                                n_positions=32)).eval()
     before = _snapshot(model)
+    # Served by the function mode (fastgim.function_mode) by default; the registry path refuses it.
     with pytest.raises(TypeError, match=r"AttentionInterface.*Supported families: Llama"):
-        explain(model, _ids(1, 5), baseline_token_id=0)
+        explain(model, _ids(1, 5), baseline_token_id=0, integration="registry")
     with pytest.raises(TypeError, match=type(model).__name__):
-        with GIM(model):
+        with GIM(model, integration="registry"):
             pass
     _assert_unchanged(model, before)
 
