@@ -495,7 +495,24 @@ def _hf_family(family: str, attn: str):
 
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
                   bos_token_id=1, eos_token_id=2)
-    if family == "stablelm":
+    ids = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    small = {
+        "gpt_neo": (t.GPTNeoForCausalLM, t.GPTNeoConfig, dict(hidden_size=32, num_layers=2, num_heads=4, window_size=4,
+                                                               attention_types=[[["global", "local"], 1]],
+                                                               max_position_embeddings=64)),
+        "openai_gpt": (t.OpenAIGPTLMHeadModel, t.OpenAIGPTConfig, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+        "mpt": (t.MptForCausalLM, t.MptConfig, dict(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2,
+                                                     max_seq_len=64)),
+        "bart": (t.BartForCausalLM, t.BartConfig, dict(d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                                        decoder_ffn_dim=64, encoder_layers=1, encoder_attention_heads=4,
+                                                        encoder_ffn_dim=64, max_position_embeddings=64)),
+        "biogpt": (t.BioGptForCausalLM, t.BioGptConfig, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                              intermediate_size=64, max_position_embeddings=64)),
+    }
+    if family in small:
+        cls, cfg_cls, extra = small[family]
+        config = cfg_cls(**ids, **extra)
+    elif family == "stablelm":
         config = t.StableLmConfig(**common, intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64,
                                   use_qkv_bias=True, qk_layernorm=False)
         cls = t.StableLmForCausalLM
@@ -510,8 +527,8 @@ def _hf_family(family: str, attn: str):
         config = t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0,
                                bos_token_id=1, eos_token_id=2)
         cls = t.BloomForCausalLM
-    for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop"):
-        if hasattr(config, key):
+    for key in list(config.to_dict()):
+        if "dropout" in key or "pdrop" in key:
             setattr(config, key, 0.0)
     config._attn_implementation = attn
     torch.manual_seed(0)
@@ -522,7 +539,8 @@ def _hf_family(family: str, attn: str):
                 param.normal_(0.0, 0.02)
             elif "norm" in name and param.dim() == 1:
                 param.add_(torch.randn_like(param) * 0.1)
-            if name.endswith(("q_proj.weight", "k_proj.weight", "query_key_value.weight")):
+            if name.endswith(("q_proj.weight", "k_proj.weight", "query_key_value.weight", "c_attn.weight",
+                              "Wqkv.weight")):
                 param.mul_(12.0)
     return model
 
@@ -530,14 +548,19 @@ def _hf_family(family: str, attn: str):
 class _ReferenceHFMode(TorchFunctionMode):
     """Reference rules for HF families without AttentionInterface: SDPA as eager maths, eager ops by hand.
 
-    SDPA calls become :func:`_reference_sdpa`. Eager attention as these families write it: the q @ k^T
-    ``baddbmm`` (Bloom) or 4-D ``matmul`` (StableLm) operands get the q / k scales, the 4-D softmax the
-    temperature, and the ``bmm`` / ``matmul`` whose first operand is those probabilities the v scale.
+    SDPA calls become :func:`_reference_sdpa`. Eager attention as these families write it: a last-dim
+    softmax of a 3-D / 4-D tensor gets the temperature; a ``matmul`` / ``bmm`` whose first operand is those
+    probabilities (or their cast / dropout) scales its second operand's gradient by v_scale; any other
+    product of two grad-carrying 3-D / 4-D activations (``q @ k^T``, incl. Bloom's ``baddbmm``) gets the q /
+    k scales on its operands.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.probs: list[torch.Tensor] = []
+
+    def _is_probs(self, t) -> bool:
+        return any(t is p for p in self.probs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -550,18 +573,21 @@ class _ReferenceHFMode(TorchFunctionMode):
         if func is torch.Tensor.baddbmm:
             kwargs = {**kwargs, "batch1": GradScale.apply(kwargs["batch1"], _REF["q_scale"]),
                       "batch2": GradScale.apply(kwargs["batch2"], _REF["k_scale"])}
-        if func is F.softmax and args[0].dim() == 4:
-            probs = TemperatureSoftmax.apply(args[0].to(kwargs.get("dtype") or args[0].dtype), _REF["temperature"])
-            self.probs.append(probs)
-            return probs
-        if func is torch.bmm:  # Bloom: its only bmm is probabilities @ values
-            args = (args[0], GradScale.apply(args[1], _REF["v_scale"]))
-        if func is torch.matmul and args[0].dim() == 4:
-            if any(args[0] is p for p in self.probs):
+        if func is F.softmax and args[0].dim() in (3, 4):
+            if (args[1] if len(args) > 1 else kwargs.get("dim")) in (-1, args[0].dim() - 1):
+                probs = TemperatureSoftmax.apply(args[0].to(kwargs.get("dtype") or args[0].dtype), _REF["temperature"])
+                self.probs.append(probs)
+                return probs
+        out_is_probs = func in (torch.Tensor.to, F.dropout, torch.Tensor.view) and self._is_probs(args[0])
+        if func in (torch.bmm, torch.matmul) and args[0].dim() >= 3 and args[0].requires_grad and args[1].requires_grad:
+            if self._is_probs(args[0]):
                 args = (args[0], GradScale.apply(args[1], _REF["v_scale"]))
             else:
                 args = (GradScale.apply(args[0], _REF["q_scale"]), GradScale.apply(args[1], _REF["k_scale"]))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if out_is_probs:
+            self.probs.append(out)
+        return out
 
 
 def reference_hf_attributions(model, ids, mask, settings, *, target_token_id: int, contrast: int) -> torch.Tensor:
@@ -585,7 +611,7 @@ def reference_hf_attributions(model, ids, mask, settings, *, target_token_id: in
             emb = embed(row_ids).detach().requires_grad_(True)
             base = embed(torch.zeros_like(row_ids)).detach()
             with _ReferenceHFMode():
-                logits = model(inputs_embeds=emb).logits[0, -1]
+                logits = model(inputs_embeds=emb, use_cache=False).logits[0, -1]
             (grad,) = torch.autograd.grad(logits[target_token_id] - logits[contrast], emb)
             result[row, real] = (grad.double() * (emb.double() - base.double())).sum(-1)[0]
     finally:
@@ -597,7 +623,9 @@ def reference_hf_attributions(model, ids, mask, settings, *, target_token_id: in
 
 
 HF_CASES = [("stablelm", "sdpa"), ("stablelm", "eager"), ("falcon", "sdpa"), ("falcon_alibi", "sdpa"),
-            ("bloom", "eager")]
+            ("bloom", "eager"), ("gpt_neo", "eager"), ("openai_gpt", "eager"), ("mpt", "eager"), ("bart", "sdpa"),
+            ("biogpt", "sdpa")]
+RIGHT_PADDED = {"bart"}  # its forward takes no position_ids: left padding would shift its positions
 
 
 @pytest.mark.parametrize(("family", "attn"), HF_CASES)
@@ -606,8 +634,12 @@ def test_hf_families_outside_the_registry_match_reference(family, attn):
     assert not GIM(model).uses_registry()
     ids = _ids(batch=3, seed=6)
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    mask[2, :1] = 0
+    if family in RIGHT_PADDED:
+        mask[1, -3:] = 0
+        mask[2, -1:] = 0
+    else:  # left padding
+        mask[1, :3] = 0
+        mask[2, :1] = 0
     ids = ids.masked_fill(mask == 0, 0)
     got = explain(model, ids, attention_mask=mask, target_token_id=5, contrast_token_id=8, baseline_token_id=0)
     truth = reference_hf_attributions(_hf_family(family, attn).double(), ids, mask, DEFAULTS, target_token_id=5,

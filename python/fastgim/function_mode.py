@@ -16,9 +16,11 @@ everything else, including the code inside fastgim's own ops and every backward,
   get the temperature backward: forward unchanged bit for bit, backward
   ``dS = P_T * (dP - rowsum(dP * P_T))`` with ``P_T = softmax(S / T)`` computed in float32 as
   ``P^(1/T)`` renormalised from the saved forward ``P`` (no more memory than the ordinary softmax).
-  Scope ``"attention"`` (default, the GIM paper's intent): softmaxes over the last dim of 4-D tensors,
-  i.e. ``(batch, heads, q, k)`` attention probabilities, not MoE routers or output distributions.
-  ``"all"``: every softmax in the forward, as gim-explain does. Or a callable ``(tensor, dim) -> bool``.
+  Scope ``"attention"`` (default, the GIM paper's intent): attention probabilities only, i.e. softmaxes
+  over the last dim of 4-D ``(batch, heads, q, k)`` tensors, or of 3-D ``(batch * heads, q, k)`` tensors
+  whose scores come from a product of two activations (``q @ k^T``; a router's ``x @ W^T`` has a weight
+  operand); not MoE routers, gating or output distributions. ``"all"``: every softmax in the forward,
+  as gim-explain does (attention ones also get the Q/K/V scales). Or a callable ``(tensor, dim) -> bool``.
   For hand-written attention the Q/K/V scales act where the eager maths has them: the gradients into
   the two operands of the ``q @ k^T`` product behind the scores (found in the autograd graph: matmul,
   bmm, baddbmm, einsum) and into ``V`` in the ``P @ V`` product that consumes the probabilities.
@@ -74,7 +76,7 @@ _SCORE_PASS = frozenset({
     "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "TanhBackward0", "MaskedFillBackward0",
     "WhereBackward0", "ExpandBackward0", "SliceBackward0", "PermuteBackward0", "TransposeBackward0",
     "SqueezeBackward0", "SqueezeBackward1", "UnsqueezeBackward0", "AsStridedBackward0", "MulBackward1",
-    "DivBackward1", "AddBackward1", "SubBackward1",
+    "DivBackward1", "AddBackward1", "SubBackward1", "MaximumBackward0", "ClampMinBackward0", "ClampBackward1",
 })
 # Product nodes and the positions of (query side, key side) among their inputs.
 _PRODUCTS = {"BmmBackward0": (0, 1), "MmBackward0": (0, 1), "BaddbmmBackward0": (1, 2), "MatmulBackward0": (0, 1)}
@@ -177,6 +179,23 @@ def _is_product(node) -> bool:
     return type(node).__name__ in _PRODUCTS
 
 
+_LEAF_PASS = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "ExpandBackward0",
+                        "ReshapeAliasBackward0", "UnsafeViewBackward0", "ToCopyBackward0", "CloneBackward0"})
+
+
+def _operands_are_activations(product) -> bool:
+    """True if neither (query, key) operand of ``product`` is a parameter (a leaf) or constant."""
+    for position in _PRODUCTS[type(product).__name__]:
+        node = product.next_functions[position][0] if position < len(product.next_functions) else None
+        for _ in range(6):
+            if node is None or type(node).__name__ == "AccumulateGrad":
+                return False
+            if type(node).__name__ not in _LEAF_PASS:
+                break
+            node = node.next_functions[0][0]
+    return True
+
+
 def _is_attention_probs(node) -> bool:
     return bool(getattr(node, "fastgim_attention_probs", False))
 
@@ -275,13 +294,14 @@ class _Seen:
     pv_products: int = 0
 
 
-def _resolve_scope(scope: SoftmaxScope) -> Callable[[torch.Tensor, int | None], bool]:
+def _resolve_scope(scope: SoftmaxScope) -> Callable[[torch.Tensor, int, bool], bool]:
+    """``in_scope(tensor, dim, looks_like_attention)``."""
     if callable(scope):
-        return scope
+        return lambda x, dim, _attention: bool(scope(x, dim))
     if scope == "attention":
-        return lambda x, dim: x.dim() == 4 and dim == 3
+        return lambda x, dim, attention: attention
     if scope == "all":
-        return lambda x, dim: dim is not None
+        return lambda x, dim, attention: True
     raise ValueError(f"softmax_scope must be one of {', '.join(SOFTMAX_SCOPES)} or a callable(tensor, dim) -> bool, "
                      f"got {scope!r}")
 
@@ -355,10 +375,12 @@ class GIMFunctionMode(TorchFunctionMode):
 
     def _softmax(self, func, args: tuple, kwargs: dict, settings: GIMSettings):
         x, dim = _softmax_args(func, args, kwargs)
-        if not isinstance(x, torch.Tensor) or dim is None or not _needs_grad(x) or not self.in_scope(x, dim):
+        if not isinstance(x, torch.Tensor) or dim is None or not _needs_grad(x):
             return func(*args, **kwargs)
-        looks_attention = self.attention and x.dim() == 4 and dim == x.dim() - 1
-        is_attention = looks_attention and self._scale_qk(x, settings)
+        products = self._attention_products(x, dim)
+        if not self.in_scope(x, dim, products is not None):
+            return func(*args, **kwargs)
+        is_attention = products is not None and self._scale_qk(x, products, settings)
         temperature = 1.0 if settings.softmax_temperature is None else float(settings.softmax_temperature)
         if temperature == 1.0 and not is_attention:
             return func(*args, **kwargs)
@@ -367,16 +389,29 @@ class GIMFunctionMode(TorchFunctionMode):
             self.seen.attention_softmaxes += 1
         return _TemperatureSoftmax.apply(x, _substitute_first(func, args, kwargs), dim, temperature, is_attention)
 
-    def _scale_qk(self, scores: torch.Tensor, settings: GIMSettings) -> bool:
+    def _attention_products(self, x: torch.Tensor, dim: int) -> list | None:
+        """The product nodes behind ``x`` if this softmax is attention, else None.
+
+        Attention: over the last dim of a 4-D tensor (``(batch, heads, q, k)``), or of a 3-D tensor
+        (``(batch * heads, q, k)``) whose scores come from one product of two activations (``q @ k^T``;
+        a router's ``x @ W^T`` has a weight operand).
+        """
+        if not self.attention or dim != x.dim() - 1 or x.dim() not in (3, 4):
+            return None
+        products = _find_nodes(x.grad_fn, _SCORE_PASS, _is_product)
+        if x.dim() == 3 and not (len(products) == 1 and _operands_are_activations(products[0])):
+            return None
+        return products
+
+    def _scale_qk(self, scores: torch.Tensor, products: list, settings: GIMSettings) -> bool:
         """Hook the q @ k^T product behind ``scores``; True if found (the softmax is attention)."""
-        products = _find_nodes(scores.grad_fn, _SCORE_PASS, _is_product)
         q_scale = 1.0 if settings.q_scale is None else float(settings.q_scale)
         k_scale = 1.0 if settings.k_scale is None else float(settings.k_scale)
         if len(products) != 1:
             if q_scale == 1.0 and k_scale == 1.0:
                 return bool(products)
             raise TypeError(
-                f"GIM found a softmax over the last dim of a 4-D tensor {tuple(scores.shape)} (attention "
+                f"GIM found a softmax over the last dim of a {scores.dim()}-D tensor {tuple(scores.shape)} (attention "
                 f"probabilities) but {'no' if not products else len(products)} q @ k^T product(s) behind its "
                 "scores (matmul / bmm / baddbmm / einsum, then scaling, masks or softcap), so the q/k gradient "
                 "scales cannot be placed. Use F.scaled_dot_product_attention in the model, pass q_scale=None "
