@@ -331,6 +331,15 @@ def test_nanogpt_explain_matches_reference(impl, rule):
         assert (plain - want).abs().max() > 1e-3 * want.abs().max(), "the rule must visibly change the attribution"
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_checkpointed_blocks_recompute_under_the_mode(impl):
+    model = _build(TinyGPT, impl, seed=5)
+    ids = _ids(seed=12)
+    kwargs = dict(target_token_id=3, baseline_token_id=0, embeddings=model.wte)
+    torch.testing.assert_close(explain(model, ids, checkpoint=True, **kwargs), explain(model, ids, **kwargs),
+                               rtol=0, atol=1e-6)
+
+
 def test_nanogpt_sdpa_and_eager_twins_agree():
     sdpa = _build(TinyGPT, "sdpa")
     eager = _twin(sdpa, "eager")

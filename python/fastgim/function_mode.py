@@ -545,8 +545,8 @@ def _check_forward(mode: GIMFunctionMode, before: _Seen, model: nn.Module, setti
     if attention_ops == 0 and _attention_rules_on(settings):
         raise TypeError(
             f"GIM saw no attention op in {name}'s forward: no F.scaled_dot_product_attention call and no softmax "
-            "over the last dim of a 4-D score tensor fed by a q @ k^T product, so the softmax temperature and "
-            "the Q/K/V scales would silently not apply. fastgim's function mode needs the model's attention "
+            "over the last dim of a (batch, heads, q, k) score tensor fed by a q @ k^T product, on tensors that "
+            "require grad, so the softmax temperature and the Q/K/V scales would silently not apply. fastgim's function mode needs the model's attention "
             "to use one of those; for a model without attention pass softmax_temperature=None, q_scale=None, "
             "k_scale=None, v_scale=None."
         )
@@ -588,6 +588,20 @@ def install_forward_check(model: nn.Module) -> Callable[[], None]:
             handle.remove()
 
     return undo
+
+
+def run_under_active_mode(fn: Callable, *args, **kwargs):
+    """Call ``fn`` with this context's GIM function mode pushed if it is not on the stack.
+
+    The mode stack is empty while autograd runs a backward, so activation checkpointing's recomputation
+    (:mod:`fastgim.checkpointing`) must re-enter the mode of the forward to rebuild the same graph;
+    ``_ACTIVE_MODE`` travels with the copied context.
+    """
+    mode = _ACTIVE_MODE.get()
+    if mode is None or any(m is mode for m in torch.overrides._get_current_function_mode_stack()):
+        return fn(*args, **kwargs)
+    with mode:
+        return fn(*args, **kwargs)
 
 
 @contextlib.contextmanager
