@@ -331,6 +331,16 @@ def test_nanogpt_explain_matches_reference(impl, rule):
         assert (plain - want).abs().max() > 1e-3 * want.abs().max(), "the rule must visibly change the attribution"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("cls", [TinyGPT, TinyLlama])
+def test_half_precision_within_accuracy_policy(cls, impl, dtype):
+    model = _build(cls, impl).to(dtype)
+    ids = _ids(seed=13)
+    got = explain(model, ids, target_token_id=7, baseline_token_id=0, embeddings=model.wte)
+    _assert_policy(got, model, ids, DEFAULTS, score=_lm_score(7))
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_checkpointed_blocks_recompute_under_the_mode(impl):
     model = _build(TinyGPT, impl, seed=5)
