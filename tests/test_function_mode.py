@@ -850,3 +850,18 @@ def test_hand_written_attention_without_a_visible_qk_product_is_an_error():
     model = Odd("eager").eval()
     with pytest.raises(TypeError, match="q @ k"):
         explain(model, _ids(batch=1), target_token_id=1, baseline_token_id=0, embeddings=model.wte)
+
+
+def test_attention_probabilities_without_a_pv_product_are_an_error_while_v_scale_is_on():
+    class NoPV(TinyGPT):
+        def forward(self, idx, targets=None):
+            x = self.wte(idx)[:, None]  # (batch, 1 head, seq, width)
+            probs = F.softmax(x @ x.transpose(-1, -2), dim=-1)
+            y = (probs.unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)  # P @ V written without a product
+            return self.lm_head(y[:, 0]), None
+
+    model = NoPV("eager").eval()
+    kwargs = dict(target_token_id=1, baseline_token_id=0, embeddings=model.wte, gate_scale=None, up_scale=None)
+    with pytest.raises(TypeError, match="P @ V"):
+        explain(model, _ids(batch=1), **kwargs)
+    assert torch.isfinite(explain(model, _ids(batch=1), v_scale=None, **kwargs)).all()
