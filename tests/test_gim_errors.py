@@ -106,10 +106,11 @@ def _not_routed_model(family: str) -> nn.Module:
 def test_architecture_not_routed_through_interface(family):
     model = _not_routed_model(family)
     before = _snapshot(model)
+    # Served by the function mode (fastgim.function_mode) by default; the registry path refuses it.
     with pytest.raises(TypeError, match=r"AttentionInterface.*Supported families: Llama"):
-        explain(model, _ids(1, 5), baseline_token_id=0)
+        explain(model, _ids(1, 5), baseline_token_id=0, integration="registry")
     with pytest.raises(TypeError, match=type(model).__name__):
-        with GIM(model):
+        with GIM(model, integration="registry"):
             pass
     _assert_unchanged(model, before)
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastgim.function_mode import run_under_active_mode
+
 _LAYER_LISTS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
                 "encoder.layer", "bert.encoder.layer", "layers", "h")
 
@@ -61,8 +63,10 @@ def _checkpointed(forward):
             )
         # The recomputation may run on an autograd worker thread (CUDA), where the context variables
         # set around the forward (GIM settings, head gates) would be unset: run it in the forward's context.
+        # The backward runs with no torch function mode: re-enter fastgim's GIM function mode, if any.
         context = contextvars.copy_context()
-        return checkpoint(lambda *a, **k: context.run(forward, *a, **k), *args, use_reentrant=False, **kwargs)
+        return checkpoint(lambda *a, **k: context.run(run_under_active_mode, forward, *a, **k), *args,
+                          use_reentrant=False, **kwargs)
 
     return run
 

@@ -132,7 +132,7 @@ def _scores(
             raise ValueError(f"target(outputs) must return one score per row, shape ({rows.shape[0]},), "
                              f"got {tuple(scores.shape)}")
         return scores
-    logits = getattr(outputs, "logits", None)
+    logits = _logits(outputs)
     if logits is None or logits.dim() != 3:
         raise TypeError(
             "the model's output has no [batch, seq, vocab] logits (an encoder such as BERT?); pass "
@@ -146,6 +146,67 @@ def _scores(
         _check_vocab_ids(contrast, picked.shape[-1], "contrast_token_id")
         scores = scores - picked[rows, contrast]
     return scores
+
+
+def _logits(outputs: Any) -> torch.Tensor | None:
+    """The logits of a model output: ``.logits``, the output itself, or the first element of a tuple."""
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, torch.Tensor):
+        logits = outputs
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        logits = outputs[0]
+    return logits
+
+
+def input_embeddings(model: nn.Module, embeddings: nn.Module | None = None) -> nn.Embedding:
+    """The token embedding module: ``embeddings`` if given, else ``model.get_input_embeddings()``."""
+    if embeddings is None and hasattr(model, "get_input_embeddings"):
+        embeddings = model.get_input_embeddings()
+    if embeddings is None:
+        found = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        hint = f" (its nn.Embedding modules: {', '.join(found)})" if found else ""
+        raise TypeError(
+            f"{type(model).__name__} has no get_input_embeddings(); pass the token embedding module as "
+            f"explain(..., embeddings=model.<token embedding>){hint}"
+        )
+    if not isinstance(embeddings, nn.Embedding):
+        raise TypeError(f"the input embeddings must be an nn.Embedding, got {type(embeddings).__name__}")
+    return embeddings
+
+
+@contextlib.contextmanager
+def _embedding_output(embeddings: nn.Module, ids: torch.Tensor, emb: torch.Tensor):
+    """While the model runs on ``ids``, ``embeddings(ids)`` returns ``emb`` (the tensor the gradient is taken at)."""
+    calls = []
+
+    def hook(_module, args, _output):
+        if args and isinstance(args[0], torch.Tensor) and args[0].shape == ids.shape and torch.equal(args[0], ids):
+            calls.append(True)
+            return emb
+        return None
+
+    handle = embeddings.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if not calls:
+        raise TypeError(
+            "the model never called its token embeddings on input_ids, so no gradient reaches them; pass the "
+            "module it embeds the input ids with as embeddings="
+        )
+
+
+def _call_on_ids(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    """Call a model without ``inputs_embeds`` (a plain ``nn.Module``) on the token ids."""
+    if "attention_mask" in inspect.signature(model.forward).parameters:
+        return model(ids, attention_mask=mask.long(), **kwargs)
+    if not mask.all():
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no attention_mask, so padded input cannot be explained; "
+            "explain the rows one at a time without padding"
+        )
+    return model(ids, **kwargs)
 
 
 def _forward_kwargs(
@@ -188,11 +249,16 @@ def explain(
     target: Callable[[Any], torch.Tensor] | None = None,
     head_mask: torch.Tensor | None = None,
     checkpoint: bool = False,
+    embeddings: nn.Module | None = None,
+    softmax_scope: str | Callable[[torch.Tensor, int], bool] = "attention",
+    integration: str = "auto",
 ) -> torch.Tensor:
     """GIM attribution of each input token to a target.
 
     Args:
-        model: a Hugging Face model (see :class:`fastgim.GIM` for the supported families).
+        model: a Hugging Face model or any ``nn.Module`` (see :class:`fastgim.GIM` for what is served). A
+            model whose forward has no ``inputs_embeds`` is called as ``model(input_ids[, attention_mask=])``
+            with the token embedding module's output replaced by the embeddings the gradient is taken at.
         input_ids: ``[seq]`` or ``[batch, seq]`` integer token ids.
         target_token_id: token whose logit is explained: an int, or ``[batch]`` ids (one per row);
             default each row's argmax prediction at the target position.
@@ -210,6 +276,9 @@ def explain(
         checkpoint: recompute each transformer block in the backward instead of keeping its
             activations (:func:`fastgim.checkpointing.checkpoint_layers`): one extra forward pass of
             time for a large cut in peak memory at long context.
+        embeddings: the token embedding module (an ``nn.Embedding``); default ``model.get_input_embeddings()``,
+            required for models without that method.
+        softmax_scope, integration: as in :class:`fastgim.GIM`.
 
     Returns:
         float32 attributions, ``[seq]`` for 1-D or batch-1 input, else ``[batch, seq]``; padded positions are 0.
@@ -222,9 +291,7 @@ def explain(
             q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
             target=target, head_mask=head_mask, checkpoint=checkpoint,
         )
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(embeddings, nn.Embedding):
-        raise TypeError(f"{type(model).__name__} has no input embedding module (get_input_embeddings())")
+    embeddings = input_embeddings(model, embeddings)
     vocab = embeddings.num_embeddings
     squeeze = torch.as_tensor(input_ids).dim() == 1
     device = embeddings.weight.device
@@ -246,7 +313,14 @@ def explain(
             "call model.eval() first", stacklevel=2,
         )
     gim = GIM(model, freeze_norm=freeze_norm, softmax_temperature=softmax_temperature, q_scale=q_scale,
-              k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale)
+              k_scale=k_scale, v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
+              softmax_scope=softmax_scope, integration=integration)
+    if head_mask is not None and not gim.uses_registry():
+        raise ValueError(
+            f"head_mask needs gim_fused attention, but {type(model).__name__} runs on the function-mode path "
+            "(its attention is not in transformers' AttentionInterface)"
+        )
+    hf_style = "inputs_embeds" in inspect.signature(model.forward).parameters
     with torch.enable_grad(), no_parameter_grads(model), gim, _head_mask(head_mask), \
             checkpoint_layers(model, enabled=checkpoint):
         with torch.no_grad():
@@ -254,7 +328,11 @@ def explain(
         emb = embeddings(ids).detach().requires_grad_(True)
         kwargs, logit_positions = _forward_kwargs(mask, model, positions, target is None)
         with _last_block_rows(model, kwargs.get("logits_to_keep"), ids.shape[1]):  # checkpointing recomputes
-            outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **kwargs)
+            if hf_style:
+                outputs = model(inputs_embeds=emb, attention_mask=mask.long(), **kwargs)
+            else:
+                with _embedding_output(embeddings, ids, emb):
+                    outputs = _call_on_ids(model, ids, mask, kwargs)
             scores = _scores(outputs, target, rows, logit_positions, target_ids, contrast, vocab)
             (grad,) = torch.autograd.grad(scores.sum(), emb)
     attribution = (grad.float() * (emb.detach().float() - base.float())).sum(-1)

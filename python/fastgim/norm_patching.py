@@ -179,9 +179,17 @@ def norm_spec(module: nn.Module) -> NormSpec:
     return spec
 
 
-def find_norms(model: nn.Module) -> list[tuple[str, nn.Module, NormSpec]]:
-    """Every norm in ``model`` as ``(qualified name, module, spec)``; raises for an unknown norm class."""
-    return [(name, module, norm_spec(module)) for name, module in model.named_modules() if is_norm_candidate(module)]
+def find_norms(
+    model: nn.Module, skip: Callable[[nn.Module], bool] | None = None
+) -> list[tuple[str, nn.Module, NormSpec]]:
+    """Every norm in ``model`` as ``(qualified name, module, spec)``; raises for an unknown norm class.
+
+    ``skip(module)`` True leaves a norm out (handled elsewhere, e.g. by :mod:`fastgim.function_mode`).
+    """
+    return [
+        (name, module, norm_spec(module)) for name, module in model.named_modules()
+        if is_norm_candidate(module) and not (skip is not None and skip(module))
+    ]
 
 
 def _frozen_forward(module: nn.Module, spec: NormSpec, original: Callable) -> Callable:
@@ -195,12 +203,13 @@ def _frozen_forward(module: nn.Module, spec: NormSpec, original: Callable) -> Ca
     return forward
 
 
-def patch_norms(model: nn.Module) -> Callable[[], None]:
+def patch_norms(model: nn.Module, skip: Callable[[nn.Module], bool] | None = None) -> Callable[[], None]:
     """Give every norm in ``model`` a frozen-statistics forward; returns the function that undoes it.
 
-    Nothing is changed if a norm class is unknown (the error is raised before any patch).
+    Nothing is changed if a norm class is unknown (the error is raised before any patch). ``skip`` as in
+    :func:`find_norms`.
     """
-    found = find_norms(model)
+    found = find_norms(model, skip)
     undo: list[Callable[[], None]] = []
     for _, module, spec in found:
         undo.append(set_forward(module, lambda m, original, s=spec: _frozen_forward(m, s, original)))

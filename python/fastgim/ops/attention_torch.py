@@ -475,7 +475,9 @@ def backward(
     # folded into the queries and -log2(e) LSE / 2 added inside the score matmul.
     bias = None
     factor = 1.0 / temperature if divided else 1.0
-    if divided and temperature == 2.0 and dtype == torch.float32 and not dead_rows:
+    # A row whose LSE is near float32's min (an additive mask of finfo.min, as HF builds for ALiBi) would
+    # overflow in -LSE / 2 + S / 2: such rows take the ordinary path.
+    if divided and temperature == 2.0 and dtype == torch.float32 and not dead_rows and bool((lse > -1e30).all()):
         factor = 0.5 / math.log(2.0)
         bias = _to_rows(lse.unsqueeze(-1), hkv, dtype).mul_(-factor)
     q_scores = qs * factor if factor != 1.0 else qs
