@@ -63,6 +63,18 @@ def test_progress_bar_waits_for_a_long_run(llama, monkeypatch):
     assert terminal.getvalue() == ""
 
 
+def test_a_jupyter_kernel_counts_as_interactive(monkeypatch):
+    import types
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # ipykernel's stderr is no terminal
+    assert not fastgim.progress.interactive()
+    shell = types.SimpleNamespace(kernel=object())
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    assert fastgim.progress.interactive()
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))  # plain IPython
+    assert not fastgim.progress.interactive()
+
+
 def test_progress_does_not_change_scores(llama, monkeypatch):
     monkeypatch.setattr(fastgim.progress, "DELAY_S", 0.0)
     monkeypatch.setattr(sys, "stderr", _Terminal())
