@@ -80,16 +80,23 @@ def test_explain_unknown_method_and_missing_model(model_dir, tmp_path, capsys):
 
 def test_evaluate_jsonl(model_dir, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
-    lines = [{"text": "the cat sat on the mat"}, {}, {"text": "a big red dog ran", "target": " away"}]
+    model, tok = tiny_llama(seed=11), tiny_tokenizer()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tok("a big red dog ran").input_ids])).logits[0, -1]
+    likely = " " + tok.decode([int(logits[4:].argmax()) + 4])  # above chance level: evaluated
+    lines = [{"text": "the cat sat on the mat"}, {}, {"text": "a big red dog ran", "target": likely},
+             {"text": "the big dog sat"}]
     data.write_text("\n".join("" if not x else json.dumps(x) for x in lines) + "\n")
     out_json = tmp_path / "res.json"
     rc = main(["evaluate", "--model", str(model_dir), "--data", str(data), "--methods", "gim,random",
                "--max-k", "3", "--json", str(out_json), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| gim |" in out and "| random |" in out
+    assert out.count("| gim |") == 2 and out.count("| random |") == 2  # one table per target kind
+    assert "## logit targets (2 examples)" in out and "## log-prob targets (1 examples)" in out
     summary = json.loads(out_json.read_text())
-    assert set(summary) == {"gim", "random"} and summary["gim"]["n"] == 2
+    assert set(summary) == {"logit", "log-prob"} and set(summary["logit"]) == {"gim", "random"}
+    assert summary["logit"]["gim"]["n"] == 2 and summary["log-prob"]["gim"]["n"] == 1
 
 
 @pytest.mark.parametrize(

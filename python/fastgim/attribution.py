@@ -42,6 +42,7 @@ from fastgim.explain import _last_block_rows  # the same last-block pruning as e
 from fastgim.loading import check_input_length
 from fastgim.methods import GIM_RULE_METHODS, METHODS
 from fastgim.params import no_parameter_grads
+from fastgim.progress import progress_bar
 from fastgim.results import Attribution
 from fastgim.settings import (
     DEFAULT_GATE_SCALE,
@@ -136,6 +137,7 @@ def attribute(
     v_scale: float | None = DEFAULT_V_SCALE,
     gate_scale: float | None = DEFAULT_GATE_SCALE,
     up_scale: float | None = DEFAULT_UP_SCALE,
+    progress: bool | None = None,
 ) -> Attribution:
     """Attribute a target to the input tokens of one sequence.
 
@@ -156,6 +158,9 @@ def attribute(
         n_steps, internal_batch_size, gim_backward: integrated gradients / occlusion batching.
         seed: seed of ``"random"``.
         freeze_norm ... up_scale: GIM rules for ``"gim"`` (and ``gim_backward``); ``None`` turns one off.
+        progress: a progress bar over the integrated-gradients steps / occlusion variants; ``None``
+            (default): only when stderr is a terminal and the run lasts over a second
+            (:mod:`fastgim.progress`); ``True`` / ``False`` force it on / off.
 
     Returns:
         :class:`Attribution` with float32 ``scores`` ``[seq]`` over the model input (prompt plus the
@@ -195,7 +200,7 @@ def attribute(
         settings = _method_gim_settings(method, gim_backward, gim_kwargs)
         components = _run_method(
             method, model, prepared, spec, baseline_id, settings,
-            n_steps=n_steps, internal_batch_size=internal_batch_size, seed=seed,
+            n_steps=n_steps, internal_batch_size=internal_batch_size, seed=seed, progress=progress,
         )
     record = {"baseline_token_id": baseline_id, "objective": objective, "contrast": contrast}
     if method == "integrated_gradients":
@@ -497,7 +502,7 @@ def _kept_rows(model: nn.Module, spec: Target, device: torch.device) -> tuple[to
 
 def _run_method(
     method: str, model: nn.Module, prepared: PreparedInputs, spec: Target, baseline_id: int | None,
-    settings: Any, *, n_steps: int, internal_batch_size: int, seed: int,
+    settings: Any, *, n_steps: int, internal_batch_size: int, seed: int, progress: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (total scores ``[seq]``, per-component scores ``[n_components, seq]``), float32."""
     ids = prepared.input_ids
@@ -506,12 +511,13 @@ def _run_method(
         per = torch.rand(spec.n_components, ids.shape[1], generator=gen) * 2 - 1
         return per.sum(0), per
     if method == "occlusion":
-        per = _occlusion(model, prepared, spec, _need_baseline(baseline_id, method), internal_batch_size)
+        per = _occlusion(model, prepared, spec, _need_baseline(baseline_id, method), internal_batch_size, progress)
         return per.sum(0), per
     emb = embed(model, ids).detach()
     base = _baseline_embeds(model, ids, baseline_id, emb)
     if method == "integrated_gradients":
-        grads = _integrated_grads(model, emb, base, prepared, spec, settings, n_steps, internal_batch_size)
+        grads = _integrated_grads(model, emb, base, prepared, spec, settings, n_steps, internal_batch_size,
+                                  progress)
     else:
         grads = component_gradients(model, emb, prepared, spec, settings)[:, 0]  # [n, seq, hidden]
     if method == "saliency":
@@ -535,16 +541,18 @@ def _baseline_embeds(model: nn.Module, ids: torch.Tensor, baseline_id: int | Non
 
 def _integrated_grads(
     model: nn.Module, emb: torch.Tensor, base: torch.Tensor, prepared: PreparedInputs, spec: Target,
-    settings: Any, n_steps: int, chunk: int,
+    settings: Any, n_steps: int, chunk: int, progress: bool | None = None,
 ) -> torch.Tensor:
     """Mean gradient along the straight path (midpoint rule): ``[n_components, seq, hidden]`` float32."""
     alphas = (torch.arange(n_steps, dtype=torch.float32) + 0.5) / n_steps
     total = None
-    for start in range(0, n_steps, chunk):
-        a = alphas[start : start + chunk].to(emb.device).view(-1, 1, 1)
-        path = (base.float() + a * (emb - base).float()).to(emb.dtype)
-        grads = component_gradients(model, path, prepared, spec, settings).float().sum(1)
-        total = grads if total is None else total + grads
+    with progress_bar(total=n_steps, desc="integrated gradients steps", enabled=progress) as bar:
+        for start in range(0, n_steps, chunk):
+            a = alphas[start : start + chunk].to(emb.device).view(-1, 1, 1)
+            path = (base.float() + a * (emb - base).float()).to(emb.dtype)
+            grads = component_gradients(model, path, prepared, spec, settings).float().sum(1)
+            total = grads if total is None else total + grads
+            bar.update(a.shape[0])
     return total / n_steps
 
 
@@ -556,18 +564,27 @@ def target_values(model: nn.Module, ids: torch.Tensor, prepared: PreparedInputs,
 
 def batched_target_values(
     model: nn.Module, variants: torch.Tensor, prepared: PreparedInputs, spec: Target, chunk: int,
+    progress: bool | None = False,
 ) -> torch.Tensor:
     """:func:`target_values` over ``variants`` ``[n, seq]`` in chunks of ``chunk`` rows."""
-    return torch.cat([target_values(model, part, prepared, spec) for part in variants.split(chunk)])
+    values = []
+    with progress_bar(total=variants.shape[0], desc="occluded inputs", enabled=progress) as bar:
+        for part in variants.split(chunk):
+            values.append(target_values(model, part, prepared, spec))
+            bar.update(part.shape[0])
+    return torch.cat(values)
 
 
-def _occlusion(model: nn.Module, prepared: PreparedInputs, spec: Target, baseline_id: int, chunk: int) -> torch.Tensor:
+def _occlusion(
+    model: nn.Module, prepared: PreparedInputs, spec: Target, baseline_id: int, chunk: int,
+    progress: bool | None = None,
+) -> torch.Tensor:
     ids = prepared.input_ids
     n = ids.shape[1]
     full = target_values(model, ids, prepared, spec)  # [1, n_comp]
     variants = ids.repeat(n, 1)
     variants[torch.arange(n), torch.arange(n)] = baseline_id
-    occluded = batched_target_values(model, variants, prepared, spec, chunk)  # [n, n_comp]
+    occluded = batched_target_values(model, variants, prepared, spec, chunk, progress)  # [n, n_comp]
     return (full - occluded).T.float().cpu()
 
 

@@ -26,6 +26,19 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
+SHOW_TOP_K = 20  # Attribution.show lists at most this many rows by default
+METHOD_NAMES = {
+    "gim": "GIM",
+    "gim_freeze_norm": "GIM (norm freezing only)",
+    "gim_temperature": "GIM (softmax temperature only)",
+    "gim_qkv_scale": "GIM (Q/K/V gradient scaling only)",
+    "gim_mlp_scale": "GIM (MLP gradient scaling only)",
+    "gradient_x_input": "Gradient x input",
+    "saliency": "Saliency (gradient norm)",
+    "integrated_gradients": "Integrated gradients",
+    "occlusion": "Occlusion",
+    "random": "Random scores (control)",
+}
 _TENSOR_FIELDS = ("scores", "target_scores")
 _SENTENCE_END = re.compile(r"[.!?]['\")\]]*\s*$|\n\s*$")
 
@@ -182,21 +195,38 @@ class Attribution:
         )
 
     # ------------------------------------------------------------------ display
-    def show(self, console: Any = None) -> None:
-        """Print the prediction and the coloured tokens (red = positive, blue = negative) with rich."""
+    def show(self, console: Any = None, *, top_k: int | None = SHOW_TOP_K,
+             window: tuple[int | None, int | None] | None = None) -> None:
+        """Print the prediction, the coloured tokens (red = positive, blue = negative) and a score table.
+
+        Args:
+            console: a ``rich.console.Console`` (default: a new one on stdout).
+            top_k: the table lists at most ``top_k`` rows: the tokens with the largest ``|score|``,
+                largest first. Inputs of up to ``top_k`` tokens are listed in full, in order;
+                ``None`` or 0 lists every token.
+            window: ``(start, end)`` positions (slice semantics: negative counts from the end,
+                ``None`` is open): only these tokens appear in the coloured text and the table.
+                Colours keep the scale of the whole sequence. Positions count tokens, or words /
+                sentences after :meth:`to_words` / :meth:`to_sentences`.
+        """
         from rich.console import Console
 
         console = console or Console()
-        for renderable in rich_renderables(self):
+        for renderable in rich_renderables(self, top_k=top_k, window=window):
             console.print(renderable)
 
     def to_html(self, *, title: str | None = None) -> str:
         """A self-contained HTML page: tokens on a diverging colour scale, exact values on hover."""
         return html_page(self, title=title)
 
-    def plot(self, path: str | Path, *, dpi: int = 120) -> Path:
-        """Save a matplotlib PNG heatmap (rows: total, then one per target token) to ``path``."""
-        return plot_heatmap(self, Path(path), dpi=dpi)
+    def plot(self, path: str | Path, *, dpi: int = 120, tokens_per_row: int = 60) -> Path:
+        """Save a matplotlib PNG heatmap (rows: total, then one per target token) to ``path``.
+
+        Long inputs wrap into panels of ``tokens_per_row`` tokens; a horizontal colour bar under the
+        panels has ticks from the most negative to the most positive value of the symmetric scale
+        ``[-max|score|, +max|score|]``. :func:`heatmap_figure` returns the figure instead.
+        """
+        return plot_heatmap(self, Path(path), dpi=dpi, tokens_per_row=tokens_per_row)
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -251,24 +281,53 @@ def _describe(attr: Attribution) -> list[str]:
     return lines
 
 
-def rich_renderables(attr: Attribution) -> list[Any]:
+def shown_rows(attr: Attribution, *, top_k: int | None = SHOW_TOP_K,
+               window: tuple[int | None, int | None] | None = None) -> tuple[list[int], list[int]]:
+    """Positions :meth:`Attribution.show` prints: (the coloured text's, the table's, in table order)."""
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: every row), got {top_k}")
+    positions = list(range(len(attr)))
+    if window is not None:
+        if len(window) != 2:
+            raise ValueError(f"window must be (start, end), got {window!r}")
+        positions = positions[slice(*window)]
+        if not positions:
+            raise ValueError(f"window {tuple(window)} selects no {attr.level} of the {len(attr)}")
+    if not top_k or len(positions) <= top_k:
+        return positions, positions
+    scores = attr.scores.tolist()
+    ranked = sorted(positions, key=lambda i: -abs(scores[i]) if math.isfinite(scores[i]) else math.inf)
+    return positions, ranked[:top_k]
+
+
+def rich_renderables(attr: Attribution, *, top_k: int | None = SHOW_TOP_K,
+                     window: tuple[int | None, int | None] | None = None) -> list[Any]:
     """The rich objects :meth:`Attribution.show` prints: header, coloured text, score table."""
     from rich.table import Table
     from rich.text import Text
 
+    text_positions, table_positions = shown_rows(attr, top_k=top_k, window=window)
     scale = _scale(attr.scores)
+    scores = attr.scores.tolist()
     text = Text()
-    for i, (piece, value) in enumerate(zip(attr.pieces, attr.scores.tolist())):
-        r, g, b = colour(value, scale)
+    if text_positions[0] > 0:
+        text.append(f"[... {text_positions[0]} before] ", style="dim")
+    for i in text_positions:
+        r, g, b = colour(scores[i], scale)
         style = f"black on rgb({r},{g},{b})" + (" underline" if i >= (attr.prompt_length or 0) else "")
-        text.append(piece, style=style)
-    table = Table(title=f"{attr.level} attributions", show_lines=False)
+        text.append(attr.pieces[i], style=style)
+    if text_positions[-1] < len(attr) - 1:
+        text.append(f" [... {len(attr) - 1 - text_positions[-1]} after]", style="dim")
+    title = f"{attr.level} attributions"
+    if len(table_positions) < len(text_positions):
+        title = f"top {len(table_positions)} of {len(text_positions)} {attr.level}s by |score|"
+    table = Table(title=title, show_lines=False)
     table.add_column("#", justify="right")
     table.add_column(attr.level)
     table.add_column("score", justify="right")
-    for i, (piece, value) in enumerate(zip(attr.pieces, attr.scores.tolist())):
-        r, g, b = colour(value, scale)
-        table.add_row(str(i), repr(piece), Text(f"{value:+.4g}", style=f"black on rgb({r},{g},{b})"))
+    for i in table_positions:
+        r, g, b = colour(scores[i], scale)
+        table.add_row(str(i), repr(attr.pieces[i]), Text(f"{scores[i]:+.4g}", style=f"black on rgb({r},{g},{b})"))
     return [Text("\n".join(_describe(attr)), style="bold"), text, table]
 
 
@@ -290,7 +349,7 @@ def _token_spans(attr: Attribution, values: list[float], scale: float) -> str:
     for i, (piece, value) in enumerate(zip(attr.pieces, values)):
         r, g, b = colour(value, scale)
         cls = "tok target" if i >= (attr.prompt_length or 0) else "tok"
-        label = html.escape(f"{attr.tokens[i]}: {value:+.6g}", quote=True)
+        label = html.escape(f"#{i} {piece!r}: {value:+.6g}", quote=True)  # the decoded text, not Ġ-pieces
         ink = "#fff" if scale > 0 and abs(value) > 0.6 * scale else "#111"
         spans.append(
             f'<span class="{cls}" style="background:rgb({r},{g},{b});color:{ink}" title="{label}" '
@@ -327,29 +386,114 @@ def html_page(attr: Attribution, *, title: str | None = None) -> str:
     )
 
 
-def plot_heatmap(attr: Attribution, path: Path, *, dpi: int = 120) -> Path:
+def plot_heatmap(attr: Attribution, path: Path, *, dpi: int = 120, tokens_per_row: int = 60) -> Path:
     """Draw the heatmap :meth:`Attribution.plot` saves (matplotlib, Agg backend)."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(attr, tokens_per_row=tokens_per_row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def heatmap_figure(attr: Attribution, *, tokens_per_row: int = 60) -> Any:
+    """The matplotlib figure of :meth:`Attribution.plot`; its last axes is the colour bar.
+
+    Sizes are fixed in inches (cells 0.42 in wide, a 6 in colour bar), so text stays readable
+    whatever the input length; long inputs wrap into panels of ``tokens_per_row`` tokens.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import FuncFormatter
 
-    rows = [attr.scores]
-    labels = ["total"]
+    if tokens_per_row < 1:
+        raise ValueError(f"tokens_per_row must be >= 1, got {tokens_per_row}")
+    rows, labels = [attr.scores], ["total"]
     if attr.target_scores is not None and attr.target_tokens:
         rows += list(attr.target_scores)
-        labels += [repr(t) for t in attr.target_tokens]
+        labels += [_short(repr(t)) for t in attr.target_tokens]
     data = torch.stack(rows).float().numpy()
     scale = _scale(torch.from_numpy(data)) or 1.0
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(attr) + 2), 1.0 + 0.45 * len(rows)))
-    image = ax.imshow(data, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -scale, scale), aspect="auto")
-    ax.set_xticks(range(len(attr)), [p.replace("\n", "\\n") for p in attr.pieces], rotation=60, ha="right")
-    ax.set_yticks(range(len(rows)), labels)
-    ax.set_title(f"{attr.method}: {attr.target}"[:100], fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    norm = TwoSlopeNorm(0.0, -scale, scale)
+    starts = list(range(0, len(attr), tokens_per_row))
+    columns = min(len(attr), tokens_per_row)
+    layout = _HeatmapLayout(columns=columns, rows=len(rows), panels=len(starts))
+    fig = plt.figure(figsize=(layout.width, layout.height))
+    fig.suptitle(_plot_title(attr, layout.width), fontsize=11, y=1 - 0.12 / layout.height, va="top")
+    image = None
+    for panel, start in enumerate(starts):
+        ax = fig.add_axes(layout.panel_box(panel))
+        stop = min(start + tokens_per_row, len(attr))
+        image = ax.imshow(data[:, start:stop], cmap="RdBu_r", norm=norm, aspect="auto",
+                          extent=(start - 0.5, stop - 0.5, len(rows) - 0.5, -0.5))
+        ax.set_xlim(start - 0.5, start + columns - 0.5)
+        ax.set_xticks(range(start, stop), [_short(p.replace("\n", "\\n")) for p in attr.pieces[start:stop]],
+                      rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+        ax.set_yticks(range(len(rows)), labels, fontsize=9)
+    cax = fig.add_axes(layout.colourbar_box())
+    bar = fig.colorbar(image, cax=cax, orientation="horizontal")
+    bar.set_ticks([float(x) for x in torch.linspace(-scale, scale, 5)])
+    bar.ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:+.3g}" if x else "0"))
+    bar.ax.tick_params(labelsize=9)
+    bar.set_label("attribution score (red: pushes the target up, blue: down)", fontsize=9)
+    return fig
+
+
+@dataclasses.dataclass
+class _HeatmapLayout:
+    """Box positions (figure fractions) for ``panels`` heatmap panels and a colour bar, sized in inches."""
+
+    columns: int
+    rows: int
+    panels: int
+    cell: float = 0.42  # inches per token column
+    row_height: float = 0.42
+    left: float = 1.6  # y labels
+    right: float = 0.4
+    title: float = 0.75
+    labels: float = 1.0  # rotated token labels under each panel
+    bar_height: float = 0.2
+    bar_space: float = 0.8  # the colour bar, its ticks and label
+
+    @property
+    def width(self) -> float:
+        return max(7.5, self.left + self.cell * self.columns + self.right)
+
+    @property
+    def panel_height(self) -> float:
+        return self.row_height * self.rows
+
+    @property
+    def height(self) -> float:
+        return self.title + self.panels * (self.panel_height + self.labels) + self.bar_space + 0.15
+
+    def panel_box(self, panel: int) -> list[float]:
+        top = self.title + panel * (self.panel_height + self.labels)
+        bottom = self.height - top - self.panel_height
+        return [self.left / self.width, bottom / self.height, self.cell * self.columns / self.width,
+                self.panel_height / self.height]
+
+    def colourbar_box(self) -> list[float]:
+        length = min(6.0, self.width - 1.0)
+        bottom = self.height - self.title - self.panels * (self.panel_height + self.labels) - self.bar_height
+        return [(self.width - length) / 2 / self.width, bottom / self.height,
+                length / self.width, self.bar_height / self.height]
+
+
+def _short(label: str, limit: int = 14) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def _plot_title(attr: Attribution, width: float) -> str:
+    import textwrap
+
+    title = f"{METHOD_NAMES.get(attr.method, attr.method)} attribution"
+    if attr.target:
+        title += f" of the {attr.target}"
+    if attr.prediction is not None:
+        title += f"; the model predicts {attr.prediction!r}"
+    return "\n".join(textwrap.wrap(title, width=max(40, int(width * 11)), max_lines=2, placeholder=" …"))

@@ -35,6 +35,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--html", type=Path, default=None, metavar="FILE", help="write an HTML page")
     parser.add_argument("--png", type=Path, default=None, metavar="FILE", help="write a PNG heatmap")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the scores as JSON")
+    parser.add_argument("--top-k", type=int, default=20, metavar="K",
+                        help="list at most K rows in the score table: the largest |score| first; 0 lists every "
+                             "token in order (default 20)")
+    parser.add_argument("--window", type=parse_window, default=None, metavar="START:END",
+                        help="print only positions START..END-1 (Python slice: -50: is the last 50; "
+                             "default: all); the files get every token")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is shown only when stderr is a terminal and the run is long)")
     parser.set_defaults(func=run)
     return parser
 
@@ -43,6 +51,17 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """``--model DIR`` (default: the model shipped with fastgim)."""
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="a Hugging Face causal LM directory (default: fastgim's bundled model)")
+
+
+def parse_window(text: str) -> tuple[int | None, int | None]:
+    """``"START:END"`` (either may be empty or negative) -> ``(start, end)`` for ``Attribution.show``."""
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return (int(start) if start.strip() else None, int(end) if end.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (e.g. 0:40 or -50:), got {text!r}") from None
 
 
 def load_model(directory: str | None) -> tuple[Any, Any]:
@@ -62,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.text.strip():
         print("fastgim explain: --text is empty; give the text to explain", file=sys.stderr)
         return 2
+    if args.top_k < 0:
+        print(f"fastgim explain: --top-k must be >= 0 (0 lists every token), got {args.top_k}", file=sys.stderr)
+        return 2
     if args.target is not None and args.target_id is not None:
         print("fastgim explain: give --target or --target-id, not both", file=sys.stderr)
         return 2
@@ -71,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             model, args.text, tokenizer=tokenizer, method=args.method,
             target=args.target if args.target is not None else args.target_id,
             contrast=args.contrast, generate=args.generate > 0, max_new_tokens=max(args.generate, 1),
-            n_steps=args.n_steps,
+            n_steps=args.n_steps, progress=False if args.no_progress else None,
         )
     except ValueError as error:
         print(f"fastgim explain: {error}", file=sys.stderr)
@@ -80,8 +102,12 @@ def run(args: argparse.Namespace) -> int:
         result = result.to_words()
     elif args.level == "sentence":
         result = result.to_sentences()
-    result.show()
     write_outputs(result, html=args.html, png=args.png, json_path=args.json)
+    try:
+        result.show(top_k=args.top_k or None, window=args.window)
+    except ValueError as error:
+        print(f"fastgim explain: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
