@@ -56,6 +56,53 @@ def fit_record(results) -> dict:
     }
 
 
+SIGNATURE_MEMBERS = {
+    "LensAPI": ["__init__", "from_pretrained", "fit", "fit_dataset", "fit_pattern_task", "fit_huggingface", "score",
+                "trace"],
+    "TransformerTracer": ["__init__", "trace"],
+    "CHG": ["__init__", "create_masks", "register_mask_hooks", "forward", "get_logp"],
+    "CHGTrainer": ["__init__", "fit_stage", "fit", "get_final_masks"],
+    "CHGResults": ["__init__", "load", "save", "necessary_heads", "sufficient_heads", "head_taxonomy", "to_dataframe",
+                   "get_facilitating_mask", "summary"],
+    "CHGDataset": ["from_texts", "from_tokens", "from_huggingface", "from_pattern_task"],
+    "CausalCircuitAttribution": ["__init__", "compute_token_gradients", "compute_token_gradients_full_target",
+                                 "compute_sentence_importance", "compute_sentence_importance_batch"],
+    "TraceResult": ["__init__", "add", "get", "has", "final_log_probs", "final_probs", "layer_log_probs",
+                    "layer_probs"],
+    "TokenScores": ["__init__", "final_token_logits", "final_token_log_probs", "final_token_probs",
+                    "gather_log_probs"],
+    "InterventionSpec": ["__init__"], "SiteRequest": ["__init__"], "LayerSiteKey": ["__init__"],
+    "ModelAdapter": ["get_layers", "get_attention_output_proj", "get_attention_module", "get_mlp",
+                     "get_pre_attention_norm", "get_pre_mlp_norm", "get_final_norm", "get_lm_head"],
+}
+
+
+def signature_of(obj) -> list[list[str]]:
+    """``[name, kind, repr(default)]`` per parameter ("" for no default)."""
+    import inspect
+
+    return [[p.name, p.kind.name, "" if p.default is inspect.Parameter.empty else repr(p.default)]
+            for p in inspect.signature(obj).parameters.values()]
+
+
+def signatures() -> dict[str, list[list[str]]]:
+    """Signatures of inteprelens' public functions and of the public methods of its classes."""
+    import inteprelens
+    from inteprelens.models.adapters import ModelAdapter, get_adapter
+
+    out = {}
+    for name in inteprelens.__all__:
+        obj = getattr(inteprelens, name)
+        if callable(obj) and not isinstance(obj, type):
+            out[name] = signature_of(obj)
+    for cls_name, members in SIGNATURE_MEMBERS.items():
+        cls = ModelAdapter if cls_name == "ModelAdapter" else getattr(inteprelens, cls_name)
+        for member in members:
+            out[f"{cls_name}.{member}"] = signature_of(getattr(cls, member))
+    out["models.adapters.get_adapter"] = signature_of(get_adapter)
+    return out
+
+
 def main(model_dir: str, out_dir: str) -> None:
     import inteprelens
     from inteprelens import (
@@ -74,6 +121,8 @@ def main(model_dir: str, out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"inteprelens_version": "0.2.1", "torch_version": str(torch.__version__),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    record["public_names"] = list(inteprelens.__all__)
+    record["signatures"] = signatures()
     del inteprelens
 
     # Quick start

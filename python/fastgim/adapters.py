@@ -109,30 +109,30 @@ class ModelAdapter:
         self._check_index(layer)
         return self.get_layers()[layer]
 
-    def get_attention_module(self, i: int | nn.Module) -> nn.Module:
-        """The attention module of layer ``i`` (an index or the layer module)."""
-        layer = self._resolve_layer(i)
-        return {"llama": lambda: layer.self_attn, "gpt2": lambda: layer.attn, "gpt_neox": lambda: layer.attention}[
+    def get_attention_module(self, layer: int | nn.Module) -> nn.Module:
+        """The attention module of ``layer`` (an index or the layer module)."""
+        block = self._resolve_layer(layer)
+        return {"llama": lambda: block.self_attn, "gpt2": lambda: block.attn, "gpt_neox": lambda: block.attention}[
             self.layout
         ]()
 
-    def get_o_proj(self, i: int | nn.Module) -> nn.Module:
-        """The attention output projection of layer ``i``; its input is ``(B, L, Hq * head_dim)``."""
-        attn = self.get_attention_module(i)
+    def get_o_proj(self, layer: int | nn.Module) -> nn.Module:
+        """The attention output projection of ``layer``; its input is ``(B, L, Hq * head_dim)``."""
+        attn = self.get_attention_module(layer)
         return {"llama": lambda: attn.o_proj, "gpt2": lambda: attn.c_proj, "gpt_neox": lambda: attn.dense}[self.layout]()
 
-    def get_mlp(self, i: int | nn.Module) -> nn.Module:
-        """The MLP (or MoE block) of layer ``i``."""
-        return self._resolve_layer(i).mlp
+    def get_mlp(self, layer: int | nn.Module) -> nn.Module:
+        """The MLP (or MoE block) of ``layer``."""
+        return self._resolve_layer(layer).mlp
 
-    def get_attn_norm(self, i: int | nn.Module) -> nn.Module | None:
-        """The norm in front of attention in layer ``i`` (None for post-norm layouts)."""
-        layer = self._resolve_layer(i)
-        return getattr(layer, "ln_1", None) if self.layout == "gpt2" else getattr(layer, "input_layernorm", None)
+    def get_attn_norm(self, layer: int | nn.Module) -> nn.Module | None:
+        """The norm in front of attention in ``layer`` (None for post-norm layouts)."""
+        block = self._resolve_layer(layer)
+        return getattr(block, "ln_1", None) if self.layout == "gpt2" else getattr(block, "input_layernorm", None)
 
-    def get_mlp_norm(self, i: int | nn.Module) -> nn.Module | None:
-        """The norm in front of the MLP in layer ``i`` (None for post-norm layouts)."""
-        layer = self._resolve_layer(i)
+    def get_mlp_norm(self, layer: int | nn.Module) -> nn.Module | None:
+        """The norm in front of the MLP in ``layer`` (None for post-norm layouts)."""
+        layer = self._resolve_layer(layer)
         if self.layout == "gpt2":
             return layer.ln_2
         if hasattr(layer, "pre_feedforward_layernorm"):
@@ -146,7 +146,7 @@ class ModelAdapter:
     get_pre_attention_norm = get_attn_norm
     get_pre_mlp_norm = get_mlp_norm
 
-    def post_attention_anchor(self, i: int | nn.Module) -> nn.Module:
+    def post_attention_anchor(self, layer: int | nn.Module) -> nn.Module:
         """The module whose input is the residual stream right after attention (the pre-MLP norm).
 
         Raises for parallel-residual (GPT-NeoX) and post-norm-only layouts, which have no such point.
@@ -154,7 +154,7 @@ class ModelAdapter:
         if self.parallel_residual:
             raise ValueError("post_attn_residual does not exist on a parallel-residual (GPT-NeoX) layer: "
                              "attention and MLP both read block_input")
-        norm = self.get_mlp_norm(i)
+        norm = self.get_mlp_norm(layer)
         if norm is None:
             raise ValueError(f"{type(self.model).__name__} has no pre-MLP norm, so no post_attn_residual site; "
                              "trace block_input / attn_output instead")

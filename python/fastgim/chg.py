@@ -422,7 +422,9 @@ class CHG:
         with hf.use_gim_fused(self.model), hf.head_gates(gates), use_settings(None):
             yield
 
-    register_mask_hooks = gating  # inteprelens name; no hooks are registered
+    def register_mask_hooks(self, masks: Tensor) -> contextlib.AbstractContextManager:
+        """inteprelens' name of :meth:`gating` (no hooks are registered; the gates go to the fused op)."""
+        return self.gating(masks)
 
     def _check_gates(self, gates: Tensor, allow_batch: bool) -> None:
         ok = gates.dim() == 2 or (allow_batch and gates.dim() == 3)
