@@ -426,6 +426,9 @@ class CHG:
         """inteprelens' name of :meth:`gating` (no hooks are registered; the gates go to the fused op)."""
         return self.gating(masks)
 
+    def remove_hooks(self) -> None:
+        """inteprelens API; nothing to remove (the gates live only inside :meth:`gating` blocks)."""
+
     def _check_gates(self, gates: Tensor, allow_batch: bool) -> None:
         ok = gates.dim() == 2 or (allow_batch and gates.dim() == 3)
         if not ok or tuple(gates.shape[-2:]) != self.mask_shape:
@@ -782,15 +785,28 @@ class CHGTrainer:
                   "batch_size": self.batch_size, "grad_norm": self.grad_norm}
         return CHGResults(masks=masks, metrics=metrics, model_config=config)
 
+    @property
+    def mask_logits_pos(self) -> nn.Parameter | None:
+        """inteprelens' name of the retention-stage logits (its "positive" stage)."""
+        return self.mask_logits_retention
+
+    @property
+    def mask_logits_neg(self) -> nn.Parameter | None:
+        """inteprelens' name of the removal-stage logits (its "negative" stage)."""
+        return self.mask_logits_removal
+
     def get_final_masks(self) -> dict[str, Tensor | None]:
-        """Final gates per stage (``unregularized``, ``retention``, ``removal``); None for a stage not run."""
+        """Final gates per stage (``unregularized``, ``retention``, ``removal``); None for a stage not run.
+
+        The retention / removal gates are also under ``"positive"`` / ``"negative"`` (inteprelens' stage names).
+        """
         def gates(p: Tensor | None) -> Tensor | None:
             if p is None:
                 return None
             g = p.detach().sigmoid().cpu()
             return g[0] if self.single_mask else g
-        return {"unregularized": gates(self.mask_logits), "retention": gates(self.mask_logits_retention),
-                "removal": gates(self.mask_logits_removal)}
+        return StageMasks({"unregularized": gates(self.mask_logits), "retention": gates(self.mask_logits_retention),
+                           "removal": gates(self.mask_logits_removal)})
 
 
 # --------------------------------------------------------------------------- results
