@@ -98,6 +98,21 @@ def test_sites_tables_and_errors():
         TransformerTracer(model).trace(torch.randint(0, VOCAB, (1, 4)), sites=["post_attn_residual"])
 
 
+def test_core_logits_and_residuals_helpers():
+    from fastgim.inteprelens.core.logits import project_layer_logits, select_layers
+    from fastgim.inteprelens.core.residuals import resolve_post_attention_anchor
+
+    model = tiny_model("llama", torch.float64)
+    adapter = get_adapter(model)
+    trace = TransformerTracer(model).trace(torch.randint(0, VOCAB, (2, 7)), sites=["block_output", "logits"])
+    blocks = select_layers(trace.activations["block_output"], [0, 2])
+    assert sorted(blocks) == [0, 2]
+    for layer, logits in project_layer_logits(adapter, blocks).items():
+        assert torch.equal(logits, trace.get("logits", layer))
+    block = adapter.get_layers()[1]
+    assert resolve_post_attention_anchor(adapter, block) is block.post_attention_layernorm
+
+
 def test_trace_detach_false_keeps_the_graph_and_model_kwargs_pass_through():
     model = tiny_model("llama")
     tracer = TransformerTracer(model)

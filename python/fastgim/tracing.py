@@ -251,6 +251,34 @@ ScoreResult = TokenScores
 """fastgim's earlier name of :class:`TokenScores`."""
 
 
+def apply_final_norm(adapter: ModelAdapter, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The model's final norm applied to ``hidden_states (..., hidden)``."""
+    return adapter.get_final_norm()(hidden_states)
+
+
+def project_hidden_to_logits(adapter: ModelAdapter, hidden_states: torch.Tensor, *, apply_norm: bool = True
+                             ) -> torch.Tensor:
+    """Logit lens: the LM head of (the final norm of, with ``apply_norm``) ``hidden_states`` -> ``(..., vocab)``."""
+    if apply_norm:
+        hidden_states = apply_final_norm(adapter, hidden_states)
+    return adapter.get_lm_head()(hidden_states)
+
+
+def project_layer_logits(adapter: ModelAdapter, hidden_states_by_layer: dict[int, torch.Tensor], *,
+                         source_site: str = "block_output") -> dict[int, torch.Tensor]:
+    """:func:`project_hidden_to_logits` per layer; no norm when ``source_site`` is already normed."""
+    apply_norm = source_site not in ("final_norm", "logit_lens_input")
+    return {layer: project_hidden_to_logits(adapter, hidden, apply_norm=apply_norm)
+            for layer, hidden in hidden_states_by_layer.items()}
+
+
+def select_layers(hidden_states_by_layer: dict[int, torch.Tensor], layers: Iterable[int] | None = None
+                  ) -> dict[int, torch.Tensor]:
+    """A copy of ``hidden_states_by_layer`` restricted to ``layers`` (all when None)."""
+    wanted = None if layers is None else set(layers)
+    return {k: v for k, v in hidden_states_by_layer.items() if wanted is None or k in wanted}
+
+
 def _first(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -445,11 +473,11 @@ class TransformerTracer:
             return
         blocks = trace.activations.get("block_output", {})
         for layer in layers:
-            normed = self.adapter.get_final_norm()(blocks[layer])
+            normed = apply_final_norm(self.adapter, blocks[layer])
             if "logit_lens_input" in sites:
                 trace.add("logit_lens_input", normed, layer)
             if "logits" in sites:
-                trace.add("logits", self.adapter.get_lm_head()(normed), layer)
+                trace.add("logits", project_hidden_to_logits(self.adapter, normed, apply_norm=False), layer)
         if "block_output" not in sites:
             del trace.activations["block_output"]
 
