@@ -262,6 +262,13 @@ def test_inteprelens_tokenization_option():
     assert torch.equal(dataset["input_ids"], RECORD["dataset"]["input_ids"])
     assert torch.equal(dataset["loss_masks"], RECORD["dataset"]["loss_masks"])
     assert len(tokenizer) == vocab  # the separator token went to a copy of the tokenizer
+    from fastgim.inteprelens.utils.tokenisation import PromptTokenizer
+
+    ids, masks = PromptTokenizer(tokenizer).tokenize_batch(CAPITAL_TEXTS, CAPITAL_TARGETS)
+    assert torch.equal(ids, dataset.input_ids) and torch.equal(masks, dataset.loss_masks)
+    one_ids, one_mask = PromptTokenizer(tokenizer).tokenize(CAPITAL_TEXTS[1], CAPITAL_TARGETS[1])
+    real = int(dataset.loss_masks[1].nonzero().max()) + 1
+    assert torch.equal(one_ids, dataset.input_ids[1, :real]) and torch.equal(one_mask, dataset.loss_masks[1, :real])
     default = CHGDataset.from_texts(CAPITAL_TEXTS, CAPITAL_TARGETS, tokenizer)
     assert default.input_ids[0, 0] == tokenizer.bos_token_id != dataset.input_ids[0, 0]
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["INTEPRELENS_MARKER", "HeadTaxonomy", "inteprelens_tokenize", "dataloader_batches", "pattern_task_pairs",
+__all__ = ["INTEPRELENS_MARKER", "HeadTaxonomy", "PromptTokenizer", "inteprelens_tokenize", "dataloader_batches", "pattern_task_pairs",
            "read_inteprelens_masks"]
 
 INTEPRELENS_MARKER = " <|TARGET|> "
@@ -38,8 +38,8 @@ class HeadTaxonomy(Enum):
     IRRELEVANT = "irrelevant"
 
 
-def inteprelens_tokenize(texts: Sequence[str], targets: Sequence[str], tokenizer: Any, pad_token_id: int
-                         ) -> tuple[Tensor, Tensor]:
+def inteprelens_tokenize(texts: Sequence[str], targets: Sequence[str], tokenizer: Any, pad_token_id: int,
+                         marker: str = INTEPRELENS_MARKER) -> tuple[Tensor, Tensor]:
     """``(input_ids, loss_masks)`` ``(N, L + 1)`` as inteprelens' ``PromptTokenizer.tokenize_batch``.
 
     Each pair is tokenised as ``prompt.rstrip() + " <|TARGET|> " + target`` (a leading space added to
@@ -48,10 +48,10 @@ def inteprelens_tokenize(texts: Sequence[str], targets: Sequence[str], tokenizer
     removed, and the rows are right-padded plus one extra pad column.
     """
     marked = copy.deepcopy(tokenizer)
-    if INTEPRELENS_MARKER not in marked.get_vocab():
-        marked.add_special_tokens({"additional_special_tokens": [INTEPRELENS_MARKER]})
-    marker_id = marked(INTEPRELENS_MARKER, add_special_tokens=False)["input_ids"][0]
-    full = [p.rstrip() + INTEPRELENS_MARKER + (t if t.startswith(" ") else " " + t) for p, t in zip(texts, targets)]
+    if marker not in marked.get_vocab():
+        marked.add_special_tokens({"additional_special_tokens": [marker]})
+    marker_id = marked(marker, add_special_tokens=False)["input_ids"][0]
+    full = [p.rstrip() + marker + (t if t.startswith(" ") else " " + t) for p, t in zip(texts, targets)]
     rows = marked(full, padding=False, truncation=True, add_special_tokens=False)["input_ids"]
     ids, masks = [], []
     for row in rows:
@@ -63,6 +63,29 @@ def inteprelens_tokenize(texts: Sequence[str], targets: Sequence[str], tokenizer
     loss_masks = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True, padding_value=False)
     return (torch.nn.functional.pad(input_ids, (0, 1), value=pad_token_id),
             torch.nn.functional.pad(loss_masks, (0, 1), value=False))
+
+
+class PromptTokenizer:
+    """inteprelens' ``PromptTokenizer``: prompt / target pairs to ``(input_ids, loss_masks)`` its way.
+
+    Unlike inteprelens, the separator token is added to a copy of ``tokenizer``, not to ``tokenizer``.
+    """
+
+    def __init__(self, tokenizer: Any, device: str = "cpu", marker: str = INTEPRELENS_MARKER) -> None:
+        self.tokenizer, self.device = tokenizer, device
+        self.marker = (marker if marker.startswith(" ") else " " + marker).rstrip() + " "
+
+    def tokenize_batch(self, prompts: list[str], targets: list[str]) -> tuple[Tensor, Tensor]:
+        """``(input_ids, loss_masks)`` ``(N, L + 1)``: :func:`inteprelens_tokenize`."""
+        pad = self.tokenizer.pad_token_id
+        ids, masks = inteprelens_tokenize(prompts, targets, self.tokenizer, pad, self.marker)
+        return ids.to(self.device), masks.to(self.device)
+
+    def tokenize(self, prompt: str, target: str) -> tuple[Tensor, Tensor]:
+        """One pair, unpadded: ``(input_ids (L,), loss_mask (L,))``."""
+        ids, masks = inteprelens_tokenize([prompt], [target], self.tokenizer, -1, self.marker)
+        keep = ids[0] != -1
+        return ids[0, keep].to(self.device), masks[0, keep].to(self.device)
 
 
 def dataloader_batches(count: int, batch_size: int, shuffle: bool) -> Iterator[Tensor]:
