@@ -63,12 +63,14 @@ def test_trace_sites_against_references(family: str, dtype: torch.dtype, length:
     model = tiny_model(family, dtype)
     adapter = get_adapter(model)
     ids = torch.randint(0, VOCAB, (2, length))
-    trace = TransformerTracer(model).trace(ids)
+    parallel = get_adapter(model).parallel_residual
+    trace = TransformerTracer(model).trace(ids, sites=[s for s in SITES if not (parallel and s == "post_attn_residual")])
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
     hidden = out.hidden_states
     n = adapter.num_layers
-    assert set(trace.sites) == set(SITES) and trace.layers == list(range(n))
+    assert set(trace.sites) | ({"post_attn_residual"} if parallel else set()) == set(SITES)
+    assert trace.layers == list(range(n))
     torch.testing.assert_close(trace.final_logits, out.logits, **TOL[dtype])
     previous = hidden[0]
     for layer in range(n):
@@ -87,7 +89,18 @@ def test_trace_sites_against_references(family: str, dtype: torch.dtype, length:
         with torch.no_grad():
             projected = adapter.get_o_proj(layer)(z)
         torch.testing.assert_close(projected, trace.get("attn_out", layer), **TOL[dtype])
-    torch.testing.assert_close(trace.get("final_norm", n - 1), hidden[-1], **TOL[dtype])
+    torch.testing.assert_close(trace.get("logit_lens_input", n - 1), hidden[-1], **TOL[dtype])
+    torch.testing.assert_close(trace.get("final_norm"), hidden[-1], **TOL[dtype])  # the model's own final norm
+    torch.testing.assert_close(trace.get("lm_head_input"), hidden[-1], **TOL[dtype])
+    for layer in range(n):
+        torch.testing.assert_close(trace.get("block_input", layer), hidden[0] if layer == 0 else
+                                   trace.get("block_out", layer - 1), **TOL[dtype])
+        torch.testing.assert_close(trace.get("mlp_output", layer), trace.get("mlp_out", layer))
+        if not adapter.parallel_residual:
+            post_attn = trace.get("block_input", layer) + trace.get("attn_output", layer)
+            torch.testing.assert_close(trace.get("post_attn_residual", layer), post_attn, **TOL[dtype])
+            torch.testing.assert_close(trace.get("mlp_input", layer), adapter.get_mlp_norm(layer)(post_attn),
+                                       **TOL[dtype])
     torch.testing.assert_close(trace.get("logits", -1), out.logits, **TOL[dtype])
     with torch.no_grad():
         lens0 = adapter.get_lm_head()(adapter.get_final_norm()(trace.get("block_out", 0)))
@@ -100,9 +113,16 @@ def test_trace_subset_and_errors() -> None:
     ids = torch.randint(0, VOCAB, (1, 5))
     trace = tracer.trace(ids, layers=[0, -1], sites=["attn_o_proj_pre", "logits"])
     assert trace.layers == [0, 2]
-    assert set(trace.activations) == {(s, layer) for s in ("attn_o_proj_pre", "logits") for layer in (0, 2)}
-    with pytest.raises(KeyError, match="was not traced"):
+    assert {(s, layer) for s, per in trace.activations.items() for layer in per} == {
+        (s, layer) for s in ("attn_o_proj_pre", "logits") for layer in (0, 2)}
+    assert trace.available_sites == ("attn_o_proj_pre", "logits") and trace.has("logits", -1)
+    assert not trace.has("logits", 1) and not trace.has("final_norm")
+    with pytest.raises(KeyError, match="No capture stored"):
         trace.get("mlp_out", 0)
+    with pytest.raises(KeyError, match="global site"):
+        tracer.trace(ids, sites=["final_norm"]).get("final_norm", 0)
+    default = tracer.trace(ids)
+    assert default.available_sites == ("block_output", "final_norm", "logits")
     with pytest.raises(KeyError, match="unknown site"):
         trace.get("mlp", 0)
     with pytest.raises(ValueError, match="unknown site"):
@@ -129,10 +149,12 @@ def test_padded_batch_matches_rows(family: str, padding_side: str) -> None:
     for row, text in enumerate(texts):
         alone = tracer.trace(text, sites=["block_out", "mlp_out", "attn_o_proj_pre"])
         real = trace.attention_mask[row].bool()
-        for key, value in alone.activations.items():
-            torch.testing.assert_close(trace.activations[key][row, real], value[0], **TOL[torch.float64])
+        for site, per in alone.activations.items():
+            for layer, value in per.items():
+                torch.testing.assert_close(trace.get(site, layer)[row, real], value[0], **TOL[torch.float64])
         alone_scores = tracer.score(text, temperature=1.5)
         torch.testing.assert_close(scores.final_token_logits()[row], alone_scores.logits[0, -1])
+        torch.testing.assert_close(scores.logits[row, real] * 1.5, alone_scores.logits[0] * 1.5)
         torch.testing.assert_close(scores.final_token_log_probs()[row], alone_scores.log_probs[0, -1])
         torch.testing.assert_close(scores.final_token_probs()[row], alone_scores.probs[0, -1])
         torch.testing.assert_close(trace.final_token_logits()[row], alone.final_logits[0, -1])
@@ -145,12 +167,15 @@ def test_score_probabilities(temperature: float) -> None:
     scores = TransformerTracer(model).score(ids, temperature=temperature)
     with torch.no_grad():
         logits = model(ids).logits
-    torch.testing.assert_close(scores.logits, logits)
+    torch.testing.assert_close(scores.logits, logits / temperature)  # stored as logits / T, as inteprelens
     reference = torch.log_softmax(logits.double() / temperature, dim=-1)
+    torch.testing.assert_close(scores.gather_log_probs(ids).double(), reference.gather(-1, ids[..., None])[..., 0],
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(scores.input_ids, ids) and scores.temperature == temperature
     torch.testing.assert_close(scores.log_probs.double(), reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores.probs.sum(-1), torch.ones(3, 6))
     assert scores.final_token_probs().shape == (3, VOCAB)
-    torch.testing.assert_close(scores.final_token_logits(), logits[:, -1])
+    torch.testing.assert_close(scores.final_token_logits(), logits[:, -1] / temperature)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         TransformerTracer(model).score(ids, temperature=0.0)
 

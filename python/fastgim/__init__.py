@@ -50,6 +50,25 @@ _LAZY = {
     "component_attribution": "fastgim.circuits",
     "edge_attribution": "fastgim.circuits",
     "attribute_dataset": "fastgim.distributed",
+    # inteprelens 0.2.1's other public names (see fastgim.inteprelens for its module paths)
+    "TraceResult": "fastgim.tracing",
+    "TokenScores": "fastgim.tracing",
+    "SiteRequest": "fastgim.tracing",
+    "LayerSiteKey": "fastgim.tracing",
+    "ALL_SITES": "fastgim.sites",
+    "LAYER_SITES": "fastgim.sites",
+    "GLOBAL_SITES": "fastgim.sites",
+    "SITE_SPECS": "fastgim.sites",
+    "InterventionSpec": "fastgim.interventions",
+    "apply_interventions": "fastgim.interventions",
+    "logits_to_log_probs": "fastgim.scoring",
+    "logits_to_probs": "fastgim.scoring",
+    "apply_temperature": "fastgim.scoring",
+    "select_final_token": "fastgim.scoring",
+    "gather_token_scores": "fastgim.scoring",
+    "MaskedSequenceDataset": "fastgim.chg",
+    "get_sentence_token_spans": "fastgim.sentence_spans",
+    "aggregate_to_sentences": "fastgim.sentence_spans",
 }
 
 #: Public functions that share their name with a submodule: the function wins on the package.

@@ -2,7 +2,9 @@
 
 ``get_adapter(model)`` recognises a Hugging Face causal LM by its module layout and
 returns a :class:`ModelAdapter` with ``get_layers()``, ``get_attention_module(i)``,
-``get_o_proj(i)``, ``get_mlp(i)``, ``get_final_norm()``, ``get_lm_head()`` and the
+``get_o_proj(i)``, ``get_mlp(i)``, ``get_final_norm()``, ``get_lm_head()`` (``i`` an index or the
+layer module; inteprelens' names ``get_attention_output_proj``, ``get_pre_attention_norm`` and
+``get_pre_mlp_norm`` are aliases of ``get_o_proj``, ``get_attn_norm`` and ``get_mlp_norm``) and the
 pieces circuit attribution needs (per-head Q/K/V projections, the norms in front
 of attention and MLP, head counts). Layouts covered:
 
@@ -89,36 +91,48 @@ class ModelAdapter:
         layer = self.get_layers()[0]
         return not hasattr(layer, "post_feedforward_layernorm")
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter."""
+        return next(self.model.parameters()).device
+
     def _check_index(self, i: int) -> None:
         if not -self.num_layers <= i < self.num_layers:
             raise IndexError(f"layer {i} out of range for a model with {self.num_layers} layers")
 
-    def get_attention_module(self, i: int) -> nn.Module:
-        """The attention module of layer ``i``."""
-        self._check_index(i)
-        layer = self.get_layers()[i]
-        return {"llama": lambda: layer.self_attn, "gpt2": lambda: layer.attn, "gpt_neox": lambda: layer.attention}[
+    def _resolve_layer(self, layer: int | nn.Module) -> nn.Module:
+        """The decoder layer for an index or a layer module (inteprelens accepts both)."""
+        if isinstance(layer, nn.Module):
+            return layer
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int index or a decoder layer module, got {type(layer).__name__}")
+        self._check_index(layer)
+        return self.get_layers()[layer]
+
+    def get_attention_module(self, layer: int | nn.Module) -> nn.Module:
+        """The attention module of ``layer`` (an index or the layer module)."""
+        block = self._resolve_layer(layer)
+        return {"llama": lambda: block.self_attn, "gpt2": lambda: block.attn, "gpt_neox": lambda: block.attention}[
             self.layout
         ]()
 
-    def get_o_proj(self, i: int) -> nn.Module:
-        """The attention output projection of layer ``i``; its input is ``(B, L, Hq * head_dim)``."""
-        attn = self.get_attention_module(i)
+    def get_o_proj(self, layer: int | nn.Module) -> nn.Module:
+        """The attention output projection of ``layer``; its input is ``(B, L, Hq * head_dim)``."""
+        attn = self.get_attention_module(layer)
         return {"llama": lambda: attn.o_proj, "gpt2": lambda: attn.c_proj, "gpt_neox": lambda: attn.dense}[self.layout]()
 
-    def get_mlp(self, i: int) -> nn.Module:
-        """The MLP (or MoE block) of layer ``i``."""
-        self._check_index(i)
-        return self.get_layers()[i].mlp
+    def get_mlp(self, layer: int | nn.Module) -> nn.Module:
+        """The MLP (or MoE block) of ``layer``."""
+        return self._resolve_layer(layer).mlp
 
-    def get_attn_norm(self, i: int) -> nn.Module | None:
-        """The norm in front of attention in layer ``i`` (None for post-norm layouts)."""
-        layer = self.get_layers()[i]
-        return getattr(layer, "ln_1", None) if self.layout == "gpt2" else getattr(layer, "input_layernorm", None)
+    def get_attn_norm(self, layer: int | nn.Module) -> nn.Module | None:
+        """The norm in front of attention in ``layer`` (None for post-norm layouts)."""
+        block = self._resolve_layer(layer)
+        return getattr(block, "ln_1", None) if self.layout == "gpt2" else getattr(block, "input_layernorm", None)
 
-    def get_mlp_norm(self, i: int) -> nn.Module | None:
-        """The norm in front of the MLP in layer ``i`` (None for post-norm layouts)."""
-        layer = self.get_layers()[i]
+    def get_mlp_norm(self, layer: int | nn.Module) -> nn.Module | None:
+        """The norm in front of the MLP in ``layer`` (None for post-norm layouts)."""
+        layer = self._resolve_layer(layer)
         if self.layout == "gpt2":
             return layer.ln_2
         if hasattr(layer, "pre_feedforward_layernorm"):
@@ -126,6 +140,25 @@ class ModelAdapter:
         if hasattr(layer, "post_feedforward_layernorm"):  # OLMo2: post-norm only
             return None
         return getattr(layer, "post_attention_layernorm", None)
+
+    # inteprelens' method names (same modules)
+    get_attention_output_proj = get_o_proj
+    get_pre_attention_norm = get_attn_norm
+    get_pre_mlp_norm = get_mlp_norm
+
+    def post_attention_anchor(self, layer: int | nn.Module) -> nn.Module:
+        """The module whose input is the residual stream right after attention (the pre-MLP norm).
+
+        Raises for parallel-residual (GPT-NeoX) and post-norm-only layouts, which have no such point.
+        """
+        if self.parallel_residual:
+            raise ValueError("post_attn_residual does not exist on a parallel-residual (GPT-NeoX) layer: "
+                             "attention and MLP both read block_input")
+        norm = self.get_mlp_norm(layer)
+        if norm is None:
+            raise ValueError(f"{type(self.model).__name__} has no pre-MLP norm, so no post_attn_residual site; "
+                             "trace block_input / attn_output instead")
+        return norm
 
     def get_final_norm(self) -> nn.Module:
         """The final norm before the LM head."""

@@ -172,14 +172,29 @@ class CHGDataset(torch.utils.data.Dataset):
         tokenizer: Any,
         max_length: int | None = None,
         device: str | torch.device = "cpu",
+        tokenization: Literal["fastgim", "inteprelens"] = "fastgim",
     ) -> CHGDataset:
         """Tokenise ``prompt.rstrip()`` (with the tokenizer's special tokens) then ``" " + target``.
 
         The target gets a leading space unless it starts with whitespace (as inteprelens does).
         ``max_length`` truncates from the left of the prompt so the target is always kept.
         The tokenizer is not modified (no marker token is added).
+
+        ``tokenization="inteprelens"`` tokenises as inteprelens does instead: prompt and target in one
+        string joined by a separator special token that is then removed, no BOS, one extra pad
+        column, and ``max_length`` cuts from the right (:func:`fastgim.chg_compat.inteprelens_tokenize`;
+        the caller's tokenizer is still not modified). Token positions then differ from the default's.
         """
         _check_pairs(texts, targets)
+        if tokenization == "inteprelens":
+            from fastgim.chg_compat import inteprelens_tokenize
+
+            input_ids, loss_masks = inteprelens_tokenize(texts, targets, tokenizer, _pad_token_id(tokenizer))
+            if max_length is not None:
+                input_ids, loss_masks = input_ids[:, :max_length], loss_masks[:, :max_length]
+            return cls(input_ids.to(device), loss_masks.to(device), _pad_token_id(tokenizer))
+        if tokenization != "fastgim":
+            raise ValueError(f"tokenization must be 'fastgim' or 'inteprelens', got {tokenization!r}")
         sequences, masks = [], []
         for i, (text, target) in enumerate(zip(texts, targets)):
             prompt_ids = _encode(tokenizer, text.rstrip(), special=True)
@@ -231,10 +246,63 @@ class CHGDataset(torch.utils.data.Dataset):
             targets.append(record["target"])
         return cls.from_texts(texts, targets, tokenizer, max_length=max_length)
 
+    @classmethod
+    def from_pattern_task(
+        cls,
+        pattern: str,
+        tokenizer: Any,
+        num_samples: int = 10000,
+        num_lines: int = 5,
+        use_vocab_tokens: bool = True,
+        vocab_size: int = 26,
+        seed: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> CHGDataset:
+        """inteprelens' synthetic ``"aba"`` (induction) / ``"abb"`` (repetition) completion task.
+
+        See :func:`fastgim.chg_compat.pattern_task_pairs` for the prompts; tokenised by :meth:`from_texts`.
+        """
+        from fastgim.chg_compat import pattern_task_pairs
+
+        texts, targets = pattern_task_pairs(pattern, tokenizer, num_samples, num_lines, use_vocab_tokens,
+                                            vocab_size, seed)
+        return cls.from_texts(texts, targets, tokenizer, device=device)
+
+    @classmethod
+    def from_huggingface(
+        cls,
+        dataset_name: str,
+        tokenizer: Any,
+        input_column: str,
+        target_column: str,
+        split: str = "train",
+        max_samples: int | None = None,
+        max_length: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> CHGDataset:
+        """Prompts / targets from columns of a ``datasets`` dataset (needs ``pip install datasets``)."""
+        try:
+            from datasets import load_dataset
+        except ImportError as error:
+            raise ImportError("CHGDataset.from_huggingface needs the 'datasets' package: pip install datasets") \
+                from error
+        data = load_dataset(dataset_name, split=split)
+        if max_samples is not None:
+            data = data.select(range(min(max_samples, len(data))))
+        for column in (input_column, target_column):
+            if column not in data.column_names:
+                raise ValueError(f"{dataset_name} has no column {column!r}; columns: {data.column_names}")
+        return cls.from_texts(list(data[input_column]), list(data[target_column]), tokenizer,
+                              max_length=max_length, device=device)
+
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
+    def __getitem__(self, index: int | str) -> dict[str, Tensor] | Tensor:
+        if isinstance(index, str):  # inteprelens' dataset["input_ids"]
+            if index not in ("input_ids", "loss_masks"):
+                raise KeyError(f"{index!r}: a CHG dataset holds 'input_ids' and 'loss_masks'")
+            return getattr(self, index)
         return {"input_ids": self.input_ids[index], "loss_masks": self.loss_masks[index]}
 
     def batch(self, indices: Tensor) -> dict[str, Tensor]:
@@ -242,17 +310,52 @@ class CHGDataset(torch.utils.data.Dataset):
         width = int(self.lengths[indices].max())
         return {"input_ids": self.input_ids[indices, :width], "loss_masks": self.loss_masks[indices, :width]}
 
-    def to_iterator(self, batch_size: int, shuffle: bool = True, seed: int | None = None
-                    ) -> Iterator[dict[str, Tensor]]:
-        """Endless batches; each epoch is a fresh permutation when ``shuffle`` (batches never span epochs)."""
+    def to_iterator(self, batch_size: int, shuffle: bool = True, seed: int | None = None,
+                    order: Literal["fastgim", "inteprelens"] = "fastgim") -> Iterator[dict[str, Tensor]]:
+        """Endless batches; each epoch is a fresh permutation when ``shuffle`` (batches never span epochs).
+
+        ``order="inteprelens"`` draws the permutations as inteprelens does (a shuffled
+        ``torch.utils.data.DataLoader`` per epoch, seeded from the global RNG; ``seed`` must be None).
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if order == "inteprelens":
+            if seed is not None:
+                raise ValueError("order='inteprelens' draws from the global RNG; call torch.manual_seed instead of seed=")
+            from fastgim.chg_compat import dataloader_batches
+
+            return (self.batch(i.to(self.input_ids.device)) for i in dataloader_batches(len(self), batch_size, shuffle))
+        if order != "fastgim":
+            raise ValueError(f"order must be 'fastgim' or 'inteprelens', got {order!r}")
+        return self._permuted_batches(batch_size, shuffle, seed)
+
+    def _permuted_batches(self, batch_size: int, shuffle: bool, seed: int | None) -> Iterator[dict[str, Tensor]]:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         count = len(self)
         while True:
             order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
             for start in range(0, count, batch_size):
                 yield self.batch(order[start:start + batch_size].to(self.input_ids.device))
+
+
+class MaskedSequenceDataset(CHGDataset):
+    """inteprelens' constructor spelling of :class:`CHGDataset`: ``MaskedSequenceDataset(pad_token_id, **tensors)``.
+
+    ``input_ids`` and ``loss_masks`` ``(N, L)`` are required (right padding; ``pad_right=False`` is
+    not supported: left-padded rows would shift the target positions of a causal model).
+    """
+
+    def __init__(self, pad_token_id: int, pad_right: bool = True, **tensors: Tensor):
+        if not pad_right:
+            raise ValueError("MaskedSequenceDataset(pad_right=False) is not supported; right-pad the sequences")
+        missing = [name for name in ("input_ids", "loss_masks") if name not in tensors]
+        if missing:
+            raise ValueError(f"MaskedSequenceDataset requires {missing} (input_ids and loss_masks, both (N, L))")
+        extra = sorted(set(tensors) - {"input_ids", "loss_masks"})
+        if extra:
+            raise ValueError(f"MaskedSequenceDataset: unsupported fields {extra}; CHG uses input_ids and loss_masks")
+        super().__init__(tensors["input_ids"], tensors["loss_masks"], pad_token_id)
+        self.pad_right = pad_right
 
 
 # --------------------------------------------------------------------------- gated model
@@ -319,7 +422,12 @@ class CHG:
         with hf.use_gim_fused(self.model), hf.head_gates(gates), use_settings(None):
             yield
 
-    register_mask_hooks = gating  # inteprelens name; no hooks are registered
+    def register_mask_hooks(self, masks: Tensor) -> contextlib.AbstractContextManager:
+        """inteprelens' name of :meth:`gating` (no hooks are registered; the gates go to the fused op)."""
+        return self.gating(masks)
+
+    def remove_hooks(self) -> None:
+        """inteprelens API; nothing to remove (the gates live only inside :meth:`gating` blocks)."""
 
     def _check_gates(self, gates: Tensor, allow_batch: bool) -> None:
         ok = gates.dim() == 2 or (allow_batch and gates.dim() == 3)
@@ -429,6 +537,21 @@ class CHG:
 # --------------------------------------------------------------------------- training
 
 
+_AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": None, "float32": None}
+
+
+def _autocast_dtype(autocast: str | torch.dtype | None, numerics: str) -> torch.dtype | None:
+    """The autocast dtype for CHGTrainer's ``autocast`` option (None = no autocast)."""
+    if autocast is None:
+        return torch.bfloat16 if numerics == "inteprelens" else None
+    if isinstance(autocast, torch.dtype):
+        return None if autocast == torch.float32 else autocast
+    if autocast not in _AUTOCAST:
+        raise ValueError(f"autocast must be 'bf16', 'fp16', 'fp32', a torch dtype or None, got {autocast!r}")
+    return _AUTOCAST[autocast]
+
+
 
 
 class CHGTrainer:
@@ -454,6 +577,14 @@ class CHGTrainer:
         nll_reduction: ``"mean"`` (default, as the reference CHG code: mean over prompts of each
             prompt's mean target-token NLL) or ``"sum"`` (summed over target tokens and prompts,
             the paper's ``-sum log P(y | x)`` on each micro-batch). See the module docstring.
+        numerics: ``"fastgim"`` (default: float32, each mask's loss and gradient clip on its own, so
+            the masks are independent restarts) or ``"inteprelens"``: inteprelens' training numerics,
+            bf16 autocast (unless ``autocast`` says otherwise), the loss averaged over the masks, one
+            gradient-norm clip over all masks jointly, and batches in inteprelens' ``DataLoader``
+            order (``seed`` must then be None; seed with ``torch.manual_seed``).
+        autocast: ``"bf16"`` / ``"fp16"`` / a torch dtype runs the forward and loss under
+            ``torch.autocast`` in that dtype, ``"fp32"`` without; None = bf16 for
+            ``numerics="inteprelens"``, fp32 otherwise.
     """
 
     def __init__(
@@ -476,7 +607,13 @@ class CHGTrainer:
         seed: int | None = None,
         l1_reduction: Literal["mean", "sum"] = "mean",
         nll_reduction: Literal["mean", "sum"] = "mean",
+        numerics: Literal["fastgim", "inteprelens"] = "fastgim",
+        autocast: str | torch.dtype | None = None,
     ):
+        if numerics not in ("fastgim", "inteprelens"):
+            raise ValueError(f"numerics must be 'fastgim' or 'inteprelens', got {numerics!r}")
+        self.numerics = numerics
+        self.autocast_dtype = _autocast_dtype(autocast, numerics)
         if not isinstance(dataset, CHGDataset):
             raise TypeError(f"dataset must be a CHGDataset (e.g. CHGDataset.from_texts), got {type(dataset).__name__}")
         if batch_size < 1 or gradient_accum_steps < 1:
@@ -501,7 +638,8 @@ class CHGTrainer:
         self.mask_logits = self.masked_model.create_masks(self.num_masks, mask_init_range, generator=generator)
         self.mask_logits_retention: nn.Parameter | None = None
         self.mask_logits_removal: nn.Parameter | None = None
-        self.iterator = dataset.to_iterator(batch_size, shuffle=True, seed=seed)
+        self.iterator = dataset.to_iterator(batch_size, shuffle=True, seed=seed,
+                                            order="inteprelens" if numerics == "inteprelens" else "fastgim")
         del device  # the masks live on the model's device
 
     def stage_parameter(self, stage: str) -> nn.Parameter:
@@ -526,7 +664,8 @@ class CHGTrainer:
         ``lambda * mean(clamp(logits))`` over layers and heads (``sum`` with ``l1_reduction="sum"``).
         """
         loss_masks = batch["loss_masks"]
-        token_logp = self.masked_model.token_logp(logits.sigmoid(), batch["input_ids"], loss_masks)
+        with self._autocast():
+            token_logp = self.masked_model.token_logp(logits.sigmoid(), batch["input_ids"], loss_masks)
         if self.nll_reduction == "sum":
             nll = -token_logp.sum(dim=(-2, -1))
         else:
@@ -535,10 +674,18 @@ class CHGTrainer:
         penalty = lam * (clamped.mean(dim=(-2, -1)) if self.l1_reduction == "mean" else clamped.sum(dim=(-2, -1)))
         return nll - penalty, nll, penalty
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.masked_model.device.type, dtype=self.autocast_dtype)
+
     def _clip(self, logits: nn.Parameter) -> Tensor:
         grad = logits.grad
         norms = grad.flatten(1).norm(dim=1)
-        if self.grad_norm is not None:
+        if self.numerics == "inteprelens":  # one clip over all masks, as inteprelens
+            if self.grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([logits], max_norm=self.grad_norm)
+            return norms
             factor = (self.grad_norm / (norms + 1e-6)).clamp(max=1.0)
             grad.mul_(factor.view(-1, 1, 1))
         return norms
@@ -557,7 +704,8 @@ class CHGTrainer:
         penalty = torch.zeros(self.num_masks)
         for _ in range(self.gradient_accum_steps):
             loss, nll, pen = self.loss(logits, next(self.iterator), lam)
-            (loss.sum() / self.gradient_accum_steps).backward()
+            total = loss.mean() if self.numerics == "inteprelens" else loss.sum()
+            (total / self.gradient_accum_steps).backward()
             nll_sum += nll.detach().float().cpu() / self.gradient_accum_steps
             penalty = pen.detach().float().cpu()
         norms = self._clip(logits)
@@ -637,15 +785,28 @@ class CHGTrainer:
                   "batch_size": self.batch_size, "grad_norm": self.grad_norm}
         return CHGResults(masks=masks, metrics=metrics, model_config=config)
 
+    @property
+    def mask_logits_pos(self) -> nn.Parameter | None:
+        """inteprelens' name of the retention-stage logits (its "positive" stage)."""
+        return self.mask_logits_retention
+
+    @property
+    def mask_logits_neg(self) -> nn.Parameter | None:
+        """inteprelens' name of the removal-stage logits (its "negative" stage)."""
+        return self.mask_logits_removal
+
     def get_final_masks(self) -> dict[str, Tensor | None]:
-        """Final gates per stage (``unregularized``, ``retention``, ``removal``); None for a stage not run."""
+        """Final gates per stage (``unregularized``, ``retention``, ``removal``); None for a stage not run.
+
+        The retention / removal gates are also under ``"positive"`` / ``"negative"`` (inteprelens' stage names).
+        """
         def gates(p: Tensor | None) -> Tensor | None:
             if p is None:
                 return None
             g = p.detach().sigmoid().cpu()
             return g[0] if self.single_mask else g
-        return {"unregularized": gates(self.mask_logits), "retention": gates(self.mask_logits_retention),
-                "removal": gates(self.mask_logits_removal)}
+        return StageMasks({"unregularized": gates(self.mask_logits), "retention": gates(self.mask_logits_retention),
+                           "removal": gates(self.mask_logits_removal)})
 
 
 # --------------------------------------------------------------------------- results
@@ -664,6 +825,19 @@ def classify_heads(retention: Tensor, removal: Tensor, threshold: float) -> list
     return labels
 
 
+class StageMasks(dict):
+    """The gates per stage, also reachable by inteprelens' stage names (``"positive"``, ``"negative"``)."""
+
+    def __getitem__(self, stage: str) -> Tensor:
+        return super().__getitem__(_STAGE_ALIASES.get(stage, stage))
+
+    def __contains__(self, stage: object) -> bool:
+        return super().__contains__(_STAGE_ALIASES.get(stage, stage) if isinstance(stage, str) else stage)
+
+    def get(self, stage: str, default: Any = None) -> Any:
+        return super().get(_STAGE_ALIASES.get(stage, stage), default)
+
+
 @dataclass
 class CHGResults:
     """Gates from a CHG fit and the analyses on them (inteprelens' ``CHGResults`` API).
@@ -674,15 +848,27 @@ class CHGResults:
         metrics: the per-update metric dicts yielded by :class:`CHGTrainer`.
         model_config: ``num_layers``, ``num_heads``, ``model_class`` and the training settings.
         threshold: default gate threshold for "on" (0.5).
+        convention: ``"paper"`` (default) labels heads as the CHG paper: necessary = on under
+            removal pressure, sufficient = on under retention pressure. ``"inteprelens"`` reproduces
+            inteprelens' labels on the same gates: necessary = on under retention pressure (its
+            "positive" stage), sufficient = on under removal pressure, and three taxonomy classes
+            (facilitating = both on, interfering = only the removal-stage gate on, irrelevant = the
+            rest), with inteprelens' column names, summary keys and ``to_dataframe`` numbering.
+
+    ``masks`` also answers to inteprelens' stage names (``masks["positive"]`` is the retention stage,
+    ``masks["negative"]`` the removal stage, ``masks["unregularized"]`` stage ``none``).
     """
 
     masks: dict[str, Tensor]
     metrics: list[dict[str, Any]] | None = None
     model_config: dict[str, Any] | None = None
     threshold: float = 0.5
+    convention: Literal["paper", "inteprelens"] = "paper"
     _single: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.convention not in ("paper", "inteprelens"):
+            raise ValueError(f"convention must be 'paper' or 'inteprelens', got {self.convention!r}")
         masks = {canonical_stage(k): v for k, v in self.masks.items() if v is not None}
         if not masks:
             raise ValueError("CHGResults needs the gates of at least one stage")
@@ -690,7 +876,7 @@ class CHGResults:
         if len(dims) != 1 or dims.pop() not in (3, 4):
             raise ValueError("masks must all be (updates, L, H) or all (updates, num_masks, L, H)")
         self._single = next(iter(masks.values())).dim() == 3
-        self.masks = {k: v.detach().float().cpu() for k, v in masks.items()}
+        self.masks = StageMasks({k: v.detach().float().cpu() for k, v in masks.items()})
 
     # ---- shapes
     def _first(self) -> Tensor:
@@ -739,16 +925,35 @@ class CHGResults:
     def necessary_heads(self, threshold: float | None = None, mask_idx: int | None = None) -> list[tuple[int, int]]:
         """Facilitating heads: ``(layer, head)`` whose removal-stage gate stays >= threshold.
 
-        With several masks the gates are averaged unless ``mask_idx`` picks one.
+        With several masks the gates are averaged unless ``mask_idx`` picks one. With
+        ``convention="inteprelens"``: the heads on under retention pressure instead.
         """
-        return self._heads(self._select("removal", mask_idx), self._threshold(threshold))
+        stage = "retention" if self.convention == "inteprelens" else "removal"
+        return self._heads(self._select(stage, mask_idx), self._threshold(threshold))
 
     def sufficient_heads(self, threshold: float | None = None, mask_idx: int | None = None) -> list[tuple[int, int]]:
         """Heads on under retention pressure: every head except the interfering ones.
 
-        This is the largest set of heads the task tolerates (facilitating + irrelevant).
+        This is the largest set of heads the task tolerates (facilitating + irrelevant). With
+        ``convention="inteprelens"``: the heads on under removal pressure instead.
         """
-        return self._heads(self._select("retention", mask_idx), self._threshold(threshold))
+        stage = "removal" if self.convention == "inteprelens" else "retention"
+        return self._heads(self._select(stage, mask_idx), self._threshold(threshold))
+
+    def _inteprelens_taxonomy(self, threshold: float, mask_idx: int | None):
+        """inteprelens' ``head_taxonomy`` frame: ``layer, head, necessary_mask, sufficient_mask, taxonomy``."""
+        import pandas as pd
+
+        necessary, sufficient = self._select("retention", mask_idx), self._select("removal", mask_idx)
+        records = []
+        for layer in range(self.num_layers):
+            for head in range(self.num_heads):
+                nec, suf = float(necessary[layer, head]), float(sufficient[layer, head])
+                label = "facilitating" if nec >= threshold and suf >= threshold else \
+                    "interfering" if suf >= threshold else "irrelevant"
+                records.append({"layer": layer, "head": head, "necessary_mask": nec, "sufficient_mask": suf,
+                                "taxonomy": label})
+        return pd.DataFrame.from_records(records)
 
     def head_taxonomy(self, threshold: float | None = None, mask_idx: int | None = None):
         """One row per head: ``layer, head, retention_mask, removal_mask, taxonomy, agreement``.
@@ -761,6 +966,8 @@ class CHGResults:
         import pandas as pd
 
         t = self._threshold(threshold)
+        if self.convention == "inteprelens":
+            return self._inteprelens_taxonomy(t, mask_idx)
         retention, removal = self._select("retention", mask_idx), self._select("removal", mask_idx)
         labels = classify_heads(retention, removal, t)
         if mask_idx is None:
@@ -784,8 +991,13 @@ class CHGResults:
         retention, removal = self._select("retention", mask_idx), self._select("removal", mask_idx)
         return ((removal >= t) & (retention >= t)).float()
 
-    def to_dataframe(self, stage: str = "removal", include_all_updates: bool = False):
-        """Long format: ``update, [mask_idx,] layer, head, value`` for the gates of ``stage``."""
+    def to_dataframe(self, stage: str = "positive", include_all_updates: bool = False):
+        """Long format: ``update, [mask_idx,] layer, head, value`` for the gates of ``stage``.
+
+        The default stage is inteprelens' ``"positive"``, i.e. the retention stage. ``update`` is the
+        update's index in the stage (inteprelens numbers the rows it keeps from 0 instead, and so
+        does ``convention="inteprelens"``).
+        """
         import pandas as pd
 
         stage = canonical_stage(stage)
@@ -798,7 +1010,7 @@ class CHGResults:
             gates = gates.unsqueeze(1)
         index = torch.cartesian_prod(*(torch.arange(n) for n in gates.shape))
         frame = pd.DataFrame(index.numpy(), columns=["update", "mask_idx", "layer", "head"])
-        frame["update"] += first
+        frame["update"] += 0 if self.convention == "inteprelens" else first
         frame["value"] = gates.flatten().numpy()
         return frame.drop(columns="mask_idx") if self._single else frame
 
@@ -806,6 +1018,12 @@ class CHGResults:
         """Counts and percentages of necessary / sufficient heads, taxonomy counts, agreement, final NLLs."""
         t = self._threshold(threshold)
         total = self.num_layers * self.num_heads
+        if self.convention == "inteprelens":
+            necessary, sufficient = self.necessary_heads(t), self.sufficient_heads(t)
+            return {"num_layers": self.num_layers, "num_heads": self.num_heads, "total_heads": total,
+                    "num_necessary": len(necessary), "num_sufficient": len(sufficient),
+                    "pct_necessary": len(necessary) / total * 100, "pct_sufficient": len(sufficient) / total * 100,
+                    "taxonomy_counts": self.head_taxonomy(t)["taxonomy"].value_counts().to_dict()}
         out: dict[str, Any] = {"num_layers": self.num_layers, "num_heads": self.num_heads, "total_heads": total,
                                "num_masks": self.num_masks or 1, "threshold": t}
         if "retention" in self.masks and "removal" in self.masks:
@@ -825,24 +1043,45 @@ class CHGResults:
 
     # ---- persistence
     def save(self, path: str | Path) -> Path:
-        """Write ``chg_masks.safetensors`` (gates) and ``chg_results.json`` (metrics, config) into directory ``path``."""
+        """Write ``chg_masks.safetensors`` (gates) and ``chg_results.json`` (metrics, config) into directory ``path``.
+
+        A path ending in ``.pt`` writes one file in inteprelens' mask format instead
+        (``{"none", "positive", "negative"}`` -> gates, what its ``CHGTrainer(save_path=)`` writes and its
+        ``CHGResults.load`` reads); it holds the gates only.
+        """
         from safetensors.torch import save_file
 
+        if Path(path).suffix == ".pt":
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            names = {"none": "none", "retention": "positive", "removal": "negative"}
+            torch.save({names[k]: v.clone() for k, v in self.masks.items()}, target)
+            return target
         directory = Path(path)
         if directory.suffix and directory.exists() and not directory.is_dir():
             raise ValueError(f"CHGResults.save expects a directory, {directory} is a file")
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.masks.items()}, str(directory / "chg_masks.safetensors"))
         meta = {"format": "fastgim-chg-1", "metrics": self.metrics, "model_config": self.model_config,
-                "threshold": self.threshold, "single_mask": self._single}
+                "threshold": self.threshold, "single_mask": self._single, "convention": self.convention}
         (directory / "chg_results.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         return directory
 
     @classmethod
-    def load(cls, path: str | Path) -> CHGResults:
-        """Read a directory written by :meth:`save`; the gates and metrics come back bit for bit."""
+    def load(cls, path: str | Path, convention: Literal["paper", "inteprelens"] = "paper") -> CHGResults:
+        """Read a directory written by :meth:`save`; the gates and metrics come back bit for bit.
+
+        A file is read as inteprelens' ``.pt`` formats (``CHGTrainer`` ``save_path`` files and
+        ``CHGResults.save`` files, :func:`fastgim.chg_compat.read_inteprelens_masks`) or fastgim's
+        ``.pt`` saves. ``convention`` is that of the returned results.
+        """
         from safetensors.torch import load_file
 
+        if Path(path).is_file():
+            from fastgim.chg_compat import read_inteprelens_masks
+
+            masks, metrics, config = read_inteprelens_masks(path)
+            return cls(masks=masks, metrics=metrics, model_config=config, convention=convention)
         directory = Path(path)
         tensors, meta_path = directory / "chg_masks.safetensors", directory / "chg_results.json"
         if not tensors.is_file() or not meta_path.is_file():
@@ -851,7 +1090,7 @@ class CHGResults:
         masks = load_file(str(tensors))
         ordered = {k: masks[k] for k in STAGES if k in masks}
         return cls(masks=ordered, metrics=meta.get("metrics"), model_config=meta.get("model_config"),
-                   threshold=meta.get("threshold", 0.5))
+                   threshold=meta.get("threshold", 0.5), convention=meta.get("convention", convention))
 
     def __repr__(self) -> str:
         return (f"CHGResults(stages={list(self.masks)}, num_layers={self.num_layers}, num_heads={self.num_heads}, "
@@ -894,20 +1133,98 @@ def sentence_token_spans(document: str, sentences: Sequence[str], tokenizer: Any
 
 
 class CausalCircuitAttribution:
-    """Sentence importance from GIM attribution restricted to a head circuit (inteprelens API).
+    """Sentence importance from attribution restricted to a head circuit (inteprelens API).
 
-    The attribution is :func:`fastgim.explain` with ``head_mask`` = the circuit (the other heads
-    are gated to 0 in the fused attention op), so it measures how each input token drives the
-    summary through the facilitating heads only.
+    ``method="gim"`` (default): :func:`fastgim.explain` with ``head_mask`` = the circuit (the other
+    heads are gated to 0 in the fused attention op), signed GIM scores of how each input token drives
+    the summary through the facilitating heads only.
+
+    ``method="grad_norm"``: inteprelens' method, the L2 norm of the plain gradient of the summary's
+    cross-entropy with respect to each input embedding (same gating), with inteprelens' tokenisation
+    (summary as given, no leading space) and sentence spans (:func:`fastgim.sentence_spans.get_sentence_token_spans`),
+    normalised by the largest score. Norms are unsigned, so this cannot tell helping from hurting tokens.
+
+    ``enable_gradient_checkpointing`` is accepted for compatibility and ignored: fastgim does not
+    change the model's settings (checkpointing does not change the values).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, enable_gradient_checkpointing: bool = False, **gim_kwargs: Any):
+    def __init__(self, model: nn.Module, tokenizer: Any, enable_gradient_checkpointing: bool = True,
+                 method: Literal["gim", "grad_norm"] = "gim", **gim_kwargs: Any):
+        if method not in ("gim", "grad_norm"):
+            raise ValueError(f"method must be 'gim' (GIM attribution) or 'grad_norm' (inteprelens), got {method!r}")
+        if method == "grad_norm" and gim_kwargs:
+            raise ValueError(f"GIM options {sorted(gim_kwargs)} do not apply to method='grad_norm'")
         self.model = model
         self.tokenizer = tokenizer
+        self.method = method
         self.gim_kwargs = gim_kwargs
         num_layers, num_heads = _head_counts(model)
         self.mask_shape = (num_layers, num_heads)
         del enable_gradient_checkpointing  # attribution needs no weight gradients; kept for API compatibility
+
+    @property
+    def device(self) -> torch.device:
+        return _model_device(self.model)
+
+    def _check_mask(self, facilitating_mask: Tensor) -> Tensor:
+        mask = facilitating_mask.detach().float()
+        if tuple(mask.shape) != self.mask_shape:
+            raise ValueError(f"facilitating_mask must be (num_layers, num_heads) = {self.mask_shape}, "
+                             f"got {tuple(mask.shape)}")
+        return mask.to(self.device)
+
+    def _embedding_grad_norms(self, ids: Tensor, input_len: int, mask: Tensor,
+                              loss_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with no_parameter_grads(self.model), CHG(self.model).gating(mask.unsqueeze(0)):
+            loss = loss_fn(self.model(inputs_embeds=embeds).logits)
+        loss.backward()
+        return embeds.grad[0, :input_len].norm(dim=-1).detach()
+
+    def compute_token_gradients(self, input_ids: Tensor, target_ids: Tensor, facilitating_mask: Tensor) -> Tensor:
+        """inteprelens' single-token gradient norms: ``(seq_len,)`` L2 norms of d(-log p(first target token))/d embedding.
+
+        ``input_ids (1, seq_len)``, ``target_ids (1, target_len)``; the circuit gates the other heads off.
+        """
+        ids = input_ids.to(self.device)
+        first = int(target_ids.flatten()[0])
+        return self._embedding_grad_norms(ids, ids.shape[1], self._check_mask(facilitating_mask),
+                                          lambda logits: -F.log_softmax(logits[0, -1], dim=-1)[first])
+
+    def compute_token_gradients_full_target(self, input_ids: Tensor, target_ids: Tensor, facilitating_mask: Tensor
+                                            ) -> Tensor:
+        """inteprelens' full-summary gradient norms: ``(seq_len,)`` L2 norms of d(mean target CE)/d embedding.
+
+        The model reads document then summary (teacher forcing); ``input_ids (1, seq_len)``,
+        ``target_ids (1, target_len)``.
+        """
+        input_ids, target_ids = input_ids.to(self.device), target_ids.to(self.device)
+        n, t = input_ids.shape[1], target_ids.shape[1]
+        return self._embedding_grad_norms(
+            torch.cat([input_ids, target_ids], dim=1), n, self._check_mask(facilitating_mask),
+            lambda logits: F.cross_entropy(logits[0, n - 1:n + t - 1], target_ids[0], reduction="mean"))
+
+    def _grad_norm_sentence_importance(self, document: str, sentences: list[str], summary: str,
+                                       facilitating_mask: Tensor, spans: list[tuple[int, int]] | None,
+                                       use_full_target: bool, aggregation: str, max_input_tokens: int | None,
+                                       max_target_tokens: int | None) -> Tensor:
+        from fastgim.sentence_spans import aggregate_to_sentences, get_sentence_token_spans
+
+        def encode(text: str, special: bool, limit: int | None) -> Tensor:
+            return self.tokenizer(text, add_special_tokens=special, truncation=limit is not None, max_length=limit,
+                                  return_tensors="pt")["input_ids"]
+
+        input_ids, target_ids = encode(document, True, max_input_tokens), encode(summary, False, max_target_tokens)
+        if target_ids.shape[1] == 0:
+            raise ValueError(f"summary {summary!r} tokenizes to nothing; give a non-empty summary")
+        if spans is None:
+            spans = get_sentence_token_spans(document, sentences, self.tokenizer, add_special_tokens=True)
+        gradients = self.compute_token_gradients_full_target if use_full_target else self.compute_token_gradients
+        scores = aggregate_to_sentences(gradients(input_ids, target_ids, facilitating_mask), spans, aggregation)
+        finite = torch.isfinite(scores)
+        if finite.any() and scores[finite].max() > 0:
+            scores = scores / scores[finite].max()
+        return scores.float().cpu()
 
     def compute_token_scores(self, input_ids: Tensor, target_ids: Tensor, facilitating_mask: Tensor,
                              use_full_target: bool = True) -> Tensor:
@@ -950,9 +1267,14 @@ class CausalCircuitAttribution:
         aggregation: str = "mean",
         max_input_tokens: int | None = None,
         max_target_tokens: int | None = None,
+        oom_retry_fast: bool = True,
         normalize: bool = True,
     ) -> Tensor:
         """Importance of each sentence of ``document`` for producing ``summary``, ``(num_sentences,)`` float32.
+
+        With ``method="grad_norm"`` the scores are inteprelens' (see the class docstring; ``normalize``
+        does not apply, ``oom_retry_fast`` retries an out-of-memory full-summary pass with the first
+        summary token only). The rest of this paragraph describes ``method="gim"``.
 
         Token scores (:meth:`compute_token_scores`) are aggregated per sentence (``"mean"``, ``"sum"``
         or ``"max"``) over the tokens located via character offsets (or the given ``spans``: one
@@ -963,6 +1285,15 @@ class CausalCircuitAttribution:
             raise ValueError(f"aggregation must be 'mean', 'sum' or 'max', got {aggregation!r}")
         if not sentences:
             raise ValueError("sentences is empty; give the document's sentences")
+        if self.method == "grad_norm":
+            args = (document, sentences, summary, facilitating_mask, spans)
+            limits = (aggregation, max_input_tokens, max_target_tokens)
+            try:
+                return self._grad_norm_sentence_importance(*args, use_full_target, *limits)
+            except torch.OutOfMemoryError:
+                if not (oom_retry_fast and use_full_target):
+                    raise
+                return self._grad_norm_sentence_importance(*args, False, *limits)
         input_ids, members = sentence_token_spans(document, sentences, self.tokenizer)
         if spans is not None:
             if len(spans) != len(sentences):
@@ -987,3 +1318,25 @@ class CausalCircuitAttribution:
         if normalize and finite.numel() and finite.abs().max() > 0:
             out = out / finite.abs().max()
         return out
+
+    def compute_sentence_importance_batch(
+        self,
+        documents: list[str],
+        sentences_list: list[list[str]],
+        summaries: list[str],
+        facilitating_mask: Tensor,
+        use_full_target: bool = True,
+        aggregation: str = "mean",
+        max_input_tokens: int | None = None,
+        max_target_tokens: int | None = None,
+        oom_retry_fast: bool = True,
+    ) -> list[Tensor]:
+        """:meth:`compute_sentence_importance` for each ``(document, sentences, summary)``, one at a time."""
+        if not len(documents) == len(sentences_list) == len(summaries):
+            raise ValueError(f"documents, sentences_list and summaries differ in length: {len(documents)}, "
+                             f"{len(sentences_list)}, {len(summaries)}")
+        return [self.compute_sentence_importance(doc, sents, summary, facilitating_mask,
+                                                 use_full_target=use_full_target, aggregation=aggregation,
+                                                 max_input_tokens=max_input_tokens,
+                                                 max_target_tokens=max_target_tokens, oom_retry_fast=oom_retry_fast)
+                for doc, sents, summary in zip(documents, sentences_list, summaries)]

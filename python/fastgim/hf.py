@@ -109,6 +109,9 @@ def gim_fused_attention(
         window = sliding_window
         if causal and kv_len > q_len:  # empty static cache at prefill, as the sdpa path does
             key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if torch.is_autocast_enabled(query.device.type):  # as sdpa under autocast: attention in the autocast dtype
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     gate = _layer_gate(module, query.shape[0], query.shape[1], query.dtype)
     skipped_rows = 0
     if q_len > 1 and q_len == key.shape[2] and id(module) in LAST_QUERY_ONLY.get():

@@ -112,19 +112,25 @@ def capture_kwargs_hook(
 
 @contextlib.contextmanager
 def tensor_grad_hook(
-    tensor: torch.Tensor | Callable[[], torch.Tensor],
+    get_tensor_fn: torch.Tensor | Callable[[], torch.Tensor],
+    retain_grad: bool = True,
 ) -> Iterator[list[torch.Tensor]]:
     """Record the gradient of one activation tensor (``Tensor.register_hook``).
 
-    ``tensor`` is the tensor or a zero-argument callable returning it (useful when
-    it is produced by a forward hook). It must require grad. Yields a list with one
-    detached gradient (same shape as the tensor) per backward through it.
+    ``get_tensor_fn`` is a zero-argument callable returning the tensor (useful when
+    it is produced by a forward hook) or the tensor itself. It must require grad. Yields a
+    list with one detached gradient (same shape as the tensor) per backward through it.
+    ``retain_grad`` (default, as inteprelens) also calls ``tensor.retain_grad()`` so that
+    ``tensor.grad`` is kept after backward.
     """
+    tensor = get_tensor_fn
     target = tensor() if callable(tensor) and not isinstance(tensor, torch.Tensor) else tensor
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"tensor_grad_hook needs a tensor (or a callable returning one), got {type(target).__name__}")
     if not target.requires_grad:
         raise ValueError("tensor_grad_hook: the tensor does not require grad; run the forward with grad enabled")
+    if retain_grad:
+        target.retain_grad()
     records: list[torch.Tensor] = []
     handle = target.register_hook(lambda grad: records.append(grad.detach()))
     try:

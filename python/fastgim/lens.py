@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from fastgim.chg import CHGDataset, CHGResults, CHGTrainer, _head_counts
+from fastgim.tracing import TokenScores, TraceResult, TransformerTracer
 
 
 class LensAPI:
@@ -27,12 +28,20 @@ class LensAPI:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, adapter: Any = None, device: str | None = None):
+        """Wrap ``model`` (put in eval mode, parameters frozen with ``requires_grad=False``, as inteprelens).
+
+        ``adapter`` defaults to :func:`fastgim.adapters.get_adapter`; ``device`` moves the model.
+        """
+        from fastgim.adapters import get_adapter
+
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.num_layers, self.num_heads = _head_counts(model)
+        self.adapter = adapter if adapter is not None else get_adapter(model)
+        for param in self.model.parameters():  # inteprelens freezes the analysed model
+            param.requires_grad_(False)
         if device is not None:
             self.model.to(device)
-        del adapter  # accepted for inteprelens compatibility
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +78,7 @@ class LensAPI:
         texts: Sequence[str],
         targets: Sequence[str],
         max_length: int | None = None,
-        num_masks: int = 10,
+        num_masks: int | None = 10,
         num_updates: int = 500,
         num_reg_updates: int = 500,
         batch_size: int = 32,
@@ -81,6 +90,7 @@ class LensAPI:
         callback: Callable[[Tensor, dict[str, Any]], None] | None = None,
         threshold: float = 0.5,
         seed: int | None = None,
+        convention: Literal["paper", "inteprelens"] = "paper",
     ) -> CHGResults:
         """Fit CHG masks so the model predicts ``targets`` after ``texts``; returns :class:`CHGResults`.
 
@@ -94,19 +104,22 @@ class LensAPI:
             save_path: directory receiving the results after each stage.
             verbose: tqdm progress bar over updates.
             threshold: default "on" threshold of the returned results; seed: makes the fit repeatable.
+            convention: ``"paper"`` (default) or ``"inteprelens"``: inteprelens' tokenisation (target
+                separator token, no BOS), training numerics (bf16 autocast, mean over masks, joint
+                gradient clipping, DataLoader batch order) and head labels (see :class:`CHGResults`).
         """
-        if num_masks is None or num_masks < 1:
-            raise ValueError(f"num_masks must be >= 1, got {num_masks}")
-        dataset = CHGDataset.from_texts(texts, targets, self.tokenizer, max_length=max_length, device=self.device)
+        _check_num_masks(num_masks)
+        dataset = CHGDataset.from_texts(texts, targets, self.tokenizer, max_length=max_length, device=self.device,
+                                        tokenization="inteprelens" if convention == "inteprelens" else "fastgim")
         return self.fit_dataset(dataset, num_masks=num_masks, num_updates=num_updates,
                                 num_reg_updates=num_reg_updates, batch_size=batch_size, l1_weight=l1_weight, lr=lr,
                                 gradient_accum_steps=gradient_accum_steps, save_path=save_path, verbose=verbose,
-                                callback=callback, threshold=threshold, seed=seed)
+                                callback=callback, threshold=threshold, seed=seed, convention=convention)
 
     def fit_dataset(
         self,
         dataset: CHGDataset,
-        num_masks: int = 10,
+        num_masks: int | None = 10,
         num_updates: int = 500,
         num_reg_updates: int = 500,
         batch_size: int = 32,
@@ -118,12 +131,13 @@ class LensAPI:
         callback: Callable[[Tensor, dict[str, Any]], None] | None = None,
         threshold: float = 0.5,
         seed: int | None = None,
+        convention: Literal["paper", "inteprelens"] = "paper",
     ) -> CHGResults:
-        """:meth:`fit` on a prepared :class:`CHGDataset`."""
-        if num_masks is None or num_masks < 1:
-            raise ValueError(f"num_masks must be >= 1, got {num_masks}")
+        """:meth:`fit` on a prepared :class:`CHGDataset` (or inteprelens' ``MaskedSequenceDataset``)."""
+        _check_num_masks(num_masks)
         trainer = CHGTrainer(self.model, dataset, num_masks=num_masks, batch_size=batch_size, l1_weight=l1_weight,
-                             lr=lr, lr_reg=lr, gradient_accum_steps=gradient_accum_steps, seed=seed)
+                             lr=lr, lr_reg=lr, gradient_accum_steps=gradient_accum_steps, seed=seed,
+                             numerics="inteprelens" if convention == "inteprelens" else "fastgim")
         history: dict[str, list[Tensor]] = {}
         metrics: list[dict[str, Any]] = []
         for mask, record in trainer.fit(num_updates, num_reg_updates, save_path=save_path, verbose=verbose,
@@ -132,33 +146,88 @@ class LensAPI:
             metrics.append(record)
         results = trainer.results(history, metrics)
         results.threshold = threshold
+        results.convention = convention
         if save_path is not None:
             results.save(save_path)
         return results
 
-    def trace(self, texts: Any = None, layers: Iterable[int] | None = None, sites: Iterable[str] | None = None,
-              *, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Any:
+    def trace(
+        self,
+        *,
+        texts: str | list[str] | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        layers: Iterable[int] | None = None,
+        sites: Iterable[str] | None = None,
+        detach: bool = True,
+        clone: bool = True,
+        **model_kwargs: Any,
+    ) -> TraceResult:
         """Named-site activations for ``texts`` (or ``input_ids``): :meth:`fastgim.tracing.TransformerTracer.trace`."""
-        from fastgim.tracing import TransformerTracer
+        tracer = TransformerTracer(self.model, self.tokenizer, adapter=self.adapter)
+        return tracer.trace(texts, layers=layers, sites=sites, input_ids=input_ids, attention_mask=attention_mask,
+                            detach=detach, clone=clone, **model_kwargs)
 
-        source = self._source(texts, input_ids)
-        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
-        layers = None if layers is None else list(layers)
-        sites = None if sites is None else list(sites)
-        return TransformerTracer(self.model, self.tokenizer).trace(source, layers=layers, sites=sites, **extra)
+    def score(
+        self,
+        *,
+        texts: str | list[str] | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temperature: float | None = None,
+        **model_kwargs: Any,
+    ) -> TokenScores:
+        """Logits / temperature, log-probs and probs for ``texts``: :meth:`fastgim.tracing.TransformerTracer.score`."""
+        tracer = TransformerTracer(self.model, self.tokenizer, adapter=self.adapter)
+        return tracer.score(texts, temperature=temperature, input_ids=input_ids, attention_mask=attention_mask,
+                            **model_kwargs)
 
-    def score(self, texts: Any = None, temperature: float | None = 1.0, *, input_ids: Tensor | None = None,
-              attention_mask: Tensor | None = None) -> Any:
-        """Logits / log-probs / probs for ``texts``: :meth:`fastgim.tracing.TransformerTracer.score`."""
-        from fastgim.tracing import TransformerTracer
+    def fit_pattern_task(
+        self,
+        pattern: str = "aba",
+        num_samples: int = 10000,
+        num_masks: int | None = 10,
+        num_updates: int = 500,
+        num_reg_updates: int = 500,
+        batch_size: int = 32,
+        l1_weight: float = 0.1,
+        lr: float = 1.0,
+        gradient_accum_steps: int = 1,
+        save_path: str | Path | None = None,
+        verbose: bool = True,
+    ) -> CHGResults:
+        """:meth:`fit_dataset` on :meth:`CHGDataset.from_pattern_task` (``"aba"`` induction or ``"abb"``)."""
+        dataset = CHGDataset.from_pattern_task(pattern, self.tokenizer, num_samples=num_samples, device=self.device)
+        return self.fit_dataset(dataset, num_masks=num_masks, num_updates=num_updates,
+                                num_reg_updates=num_reg_updates, batch_size=batch_size, l1_weight=l1_weight, lr=lr,
+                                gradient_accum_steps=gradient_accum_steps, save_path=save_path, verbose=verbose)
 
-        source = self._source(texts, input_ids)
-        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
-        temperature = 1.0 if temperature is None else temperature
-        return TransformerTracer(self.model, self.tokenizer).score(source, temperature=temperature, **extra)
+    def fit_huggingface(
+        self,
+        dataset_name: str,
+        input_column: str,
+        target_column: str,
+        split: str = "train",
+        max_samples: int | None = None,
+        max_length: int | None = None,
+        num_masks: int | None = 10,
+        num_updates: int = 500,
+        num_reg_updates: int = 500,
+        batch_size: int = 32,
+        l1_weight: float = 0.1,
+        lr: float = 1.0,
+        gradient_accum_steps: int = 1,
+        save_path: str | Path | None = None,
+        verbose: bool = True,
+    ) -> CHGResults:
+        """:meth:`fit_dataset` on a ``datasets`` dataset (:meth:`CHGDataset.from_huggingface`)."""
+        dataset = CHGDataset.from_huggingface(dataset_name, self.tokenizer, input_column, target_column, split=split,
+                                              max_samples=max_samples, max_length=max_length, device=self.device)
+        return self.fit_dataset(dataset, num_masks=num_masks, num_updates=num_updates,
+                                num_reg_updates=num_reg_updates, batch_size=batch_size, l1_weight=l1_weight, lr=lr,
+                                gradient_accum_steps=gradient_accum_steps, save_path=save_path, verbose=verbose)
 
-    @staticmethod
-    def _source(texts: Any, input_ids: Tensor | None) -> Any:
-        if (texts is None) == (input_ids is None):
-            raise ValueError("give exactly one of texts= or input_ids=")
-        return texts if texts is not None else input_ids
+
+def _check_num_masks(num_masks: int | None) -> None:
+    if num_masks is not None and (isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1):
+        raise ValueError(f"num_masks must be >= 1 (or None for a single (layers, heads) mask), got {num_masks!r}")

@@ -1,17 +1,9 @@
 """Tracing and scoring (inteprelens' ``TransformerTracer``): named transformer sites and logits.
 
-``TransformerTracer(model, tokenizer).trace(texts, layers=, sites=)`` runs one
-forward pass with hooks and returns a :class:`TraceResult`; ``.score(texts,
-temperature=)`` returns a :class:`ScoreResult`. Sites, per layer ``l``:
-
-* ``attn_o_proj_pre``: input of the attention output projection, ``(B, L, Hq * head_dim)``
-  (the per-head outputs, concatenated; ``.get(..., per_head=True)`` gives ``(B, L, Hq, D)``);
-* ``attn_out``: attention module output (before the residual add), ``(B, L, hidden)``;
-* ``mlp_out``: MLP (or MoE block) output, ``(B, L, hidden)``;
-* ``block_out``: decoder layer output (the residual stream after layer ``l``), ``(B, L, hidden)``;
-* ``final_norm``: the model's final norm applied to ``block_out`` of layer ``l`` (for the
-  last layer this is exactly the model's final normed state), ``(B, L, hidden)``;
-* ``logits``: logit lens, the LM head applied to ``final_norm`` of layer ``l``, ``(B, L, vocab)``.
+``TransformerTracer(model, tokenizer).trace(texts, layers=, sites=)`` runs one forward pass with
+hooks and returns a :class:`TraceResult`; ``.score(texts, temperature=)`` returns
+:class:`TokenScores`. The sites and their shapes are listed in :mod:`fastgim.sites`; the default
+set is inteprelens' ``("block_output", "final_norm", "logits")``.
 
 Padded batches work as in the model (pass texts with a tokenizer, or ``input_ids`` and
 ``attention_mask``); final-token selectors use the last non-padding position of each row,
@@ -22,18 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from fastgim.adapters import ModelAdapter, get_adapter
+from fastgim.scoring import gather_token_scores, logits_to_log_probs, select_final_token
+from fastgim.sites import DEFAULT_SITES, SITE_SPECS, canonical_site
 
-__all__ = ["SITES", "TransformerTracer", "TraceResult", "ScoreResult", "last_token_index", "target_positions",
-           "position_ids_from_mask"]
+__all__ = ["SITES", "TransformerTracer", "TraceResult", "TokenScores", "ScoreResult", "LayerSiteKey", "SiteRequest",
+           "last_token_index", "target_positions", "position_ids_from_mask"]
 
-SITES = ("attn_o_proj_pre", "attn_out", "mlp_out", "block_out", "final_norm", "logits")
+SITES = tuple(SITE_SPECS)
+"""Every site name fastgim traces (inteprelens' ten and ``logit_lens_input``)."""
 
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -73,83 +68,229 @@ def position_ids_from_mask(attention_mask: torch.Tensor | None) -> dict[str, tor
     return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
 
-def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return values[torch.arange(values.shape[0], device=values.device), index.to(values.device)]
+@dataclasses.dataclass(frozen=True)
+class LayerSiteKey:
+    """A stable key for one capture: ``site`` and ``layer`` (None for global sites)."""
+
+    site: str
+    layer: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteRequest:
+    """A normalised trace request: ``site`` and the ``layers`` asked for (None = all)."""
+
+    site: str
+    layers: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass
 class TraceResult:
-    """Activations captured by :meth:`TransformerTracer.trace`.
+    """Activations captured by :meth:`TransformerTracer.trace` (inteprelens' ``TraceResult``).
 
-    ``activations[(site, layer)]`` holds detached tensors (see the module docstring for
-    shapes); ``final_logits`` is the model's output ``(B, L, vocab)``.
+    ``activations[site][layer]`` holds the tensors (layer ``None`` for global sites, see
+    :mod:`fastgim.sites` for shapes); ``final_logits`` is the model's output ``(B, L, vocab)``;
+    ``metadata`` has ``requested_layers`` and ``requested_sites``. fastgim also keeps
+    ``input_ids``, ``attention_mask`` and ``num_heads`` (for ``final_token_logits`` and
+    ``get(..., per_head=True)``).
     """
 
-    activations: dict[tuple[str, int], torch.Tensor]
-    final_logits: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    layers: list[int]
-    sites: list[str]
-    num_heads: int
+    activations: dict[str, dict[int | None, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    final_logits: torch.Tensor | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    num_heads: int | None = None
 
-    def get(self, site: str, layer: int, *, per_head: bool = False) -> torch.Tensor:
-        """The tensor traced at ``site`` for ``layer`` (negative layers count from the end)."""
-        if site not in SITES:
-            raise KeyError(f"unknown site {site!r}; sites are {', '.join(SITES)}")
-        key = (site, layer)
-        if key not in self.activations and layer < 0:
-            key = (site, max(self.layers) + 1 + layer) if self.layers else key
-        if key not in self.activations:
-            raise KeyError(
-                f"({site!r}, layer {layer}) was not traced; traced sites {self.sites} at layers {self.layers}"
-            )
-        value = self.activations[key]
+    def add(self, site: str, tensor: torch.Tensor, layer: int | None = None) -> None:
+        """Store ``tensor`` as ``site`` at ``layer``."""
+        self.activations.setdefault(canonical_site(site), {})[layer] = tensor
+
+    def _key(self, site: str, layer: int | None) -> tuple[str, int | None]:
+        try:
+            site = canonical_site(site)
+        except ValueError as exc:
+            raise KeyError(str(exc)) from None
+        stored = self.activations.get(site, {})
+        if layer is not None and layer < 0 and layer not in stored:
+            layers = self.metadata.get("num_layers")
+            layer = layer + layers if layers else layer
+        return site, layer
+
+    def get(self, site: str, layer: int | None = None, *, per_head: bool = False) -> torch.Tensor:
+        """The tensor traced at ``site`` for ``layer`` (None for global sites; negative counts from the end).
+
+        ``per_head=True`` (``attn_o_proj_pre`` only) returns ``(B, L, Hq, head_dim)``.
+        """
+        site, layer = self._key(site, layer)
+        stored = self.activations.get(site, {})
+        if layer not in stored:
+            where = "a global site: call get(site) without a layer" if not SITE_SPECS[site].layer_scoped and \
+                layer is not None else f"traced layers {sorted(k for k in stored if k is not None)}"
+            raise KeyError(f"No capture stored for site={site!r}, layer={layer!r} ({where}; traced sites "
+                           f"{list(self.activations)})")
+        value = stored[layer]
         if per_head:
             if site != "attn_o_proj_pre":
                 raise ValueError("per_head=True applies to 'attn_o_proj_pre' only")
             value = value.unflatten(-1, (self.num_heads, -1))
         return value
 
+    def has(self, site: str, layer: int | None = None) -> bool:
+        """Whether ``site`` was captured at ``layer``."""
+        try:
+            site, layer = self._key(site, layer)
+        except KeyError:
+            return False
+        return layer in self.activations.get(site, {})
+
+    @property
+    def available_sites(self) -> tuple[str, ...]:
+        """Sites holding at least one capture, in capture order."""
+        return tuple(self.activations)
+
+    @property
+    def layers(self) -> list[int]:
+        """The traced layer indices (non-negative, sorted)."""
+        return list(self.metadata.get("requested_layers", ()))
+
+    @property
+    def sites(self) -> list[str]:
+        """The requested site names."""
+        return list(self.metadata.get("requested_sites", ()))
+
+    def _final(self) -> torch.Tensor:
+        if self.final_logits is None:
+            raise ValueError("This trace does not contain final logits.")
+        return self.final_logits
+
+    def final_log_probs(self) -> torch.Tensor:
+        """``log_softmax`` of the model's final logits, ``(B, L, vocab)``."""
+        return logits_to_log_probs(self._final())
+
+    def final_probs(self) -> torch.Tensor:
+        """Probabilities from the model's final logits, ``(B, L, vocab)``."""
+        return self.final_log_probs().exp()
+
+    def layer_log_probs(self, layer: int) -> torch.Tensor:
+        """``log_softmax`` of the logit lens of ``layer``, ``(B, L, vocab)``."""
+        return logits_to_log_probs(self.get("logits", layer))
+
+    def layer_probs(self, layer: int) -> torch.Tensor:
+        """Probabilities from the logit lens of ``layer``, ``(B, L, vocab)``."""
+        return self.layer_log_probs(layer).exp()
+
     def final_token_logits(self) -> torch.Tensor:
         """Model logits at each row's last real token, ``(B, vocab)``."""
-        b, n = self.final_logits.shape[:2]
-        return _gather_rows(self.final_logits, last_token_index(self.attention_mask, b, n, self.final_logits.device))
+        return select_final_token(self._final(), self.attention_mask)
 
 
 @dataclasses.dataclass
-class ScoreResult:
-    """Output of :meth:`TransformerTracer.score`.
+class TokenScores:
+    """Final-model token scores (inteprelens' ``TokenScores``).
 
-    ``logits`` are the model's raw logits ``(B, L, vocab)``; ``log_probs`` and ``probs``
-    are ``log_softmax`` / ``softmax`` of ``logits / temperature`` in float32.
+    ``logits (B, L, vocab)`` are the model's logits divided by ``temperature`` (as inteprelens
+    stores them; ``logits * temperature`` gives the raw ones back); ``log_probs`` and ``probs`` are
+    derived lazily as ``log_softmax(logits)`` and ``exp(log_probs)``, in the logits' dtype promoted
+    to at least float32 (the same bits as inteprelens for float32 models).
     """
 
     logits: torch.Tensor
-    log_probs: torch.Tensor
-    probs: torch.Tensor
-    attention_mask: torch.Tensor | None
-    temperature: float
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    temperature: float = 1.0
+    _log_probs: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
+    _probs: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
 
-    def _final(self, values: torch.Tensor) -> torch.Tensor:
-        b, n = values.shape[:2]
-        return _gather_rows(values, last_token_index(self.attention_mask, b, n, values.device))
+    def __post_init__(self) -> None:
+        if self.logits.ndim != 3:
+            raise ValueError(f"logits must have shape (batch, seq, vocab), got {tuple(self.logits.shape)}")
+        if self.input_ids.ndim != 2 or self.logits.shape[:2] != self.input_ids.shape:
+            raise ValueError(f"input_ids {tuple(self.input_ids.shape)} must be (batch, seq) matching the logits "
+                             f"{tuple(self.logits.shape[:2])}")
+        if self.attention_mask is not None and self.attention_mask.shape != self.input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(self.attention_mask.shape)} must match input_ids "
+                             f"{tuple(self.input_ids.shape)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """``log_softmax(logits)``, ``(B, L, vocab)``."""
+        if self._log_probs is None:
+            logits = self.logits.to(torch.promote_types(self.logits.dtype, torch.float32))
+            self._log_probs = logits_to_log_probs(logits)
+        return self._log_probs
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``exp(log_probs)``, ``(B, L, vocab)``."""
+        if self._probs is None:
+            self._probs = self.log_probs.exp()
+        return self._probs
 
     def final_token_logits(self) -> torch.Tensor:
         """Logits at each row's last real token, ``(B, vocab)``."""
-        return self._final(self.logits)
+        return select_final_token(self.logits, attention_mask=self.attention_mask)
 
     def final_token_log_probs(self) -> torch.Tensor:
-        """Log-probabilities at each row's last real token, ``(B, vocab)`` float32."""
-        return self._final(self.log_probs)
+        """Log-probabilities at each row's last real token, ``(B, vocab)``."""
+        return select_final_token(self.log_probs, attention_mask=self.attention_mask)
 
     def final_token_probs(self) -> torch.Tensor:
-        """Probabilities at each row's last real token, ``(B, vocab)`` float32."""
-        return self._final(self.probs)
+        """Probabilities at each row's last real token, ``(B, vocab)``."""
+        return select_final_token(self.probs, attention_mask=self.attention_mask)
+
+    def gather_log_probs(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Log-probability of ``token_ids`` at each position: ``token_ids (B, L)`` -> ``(B, L)``."""
+        return gather_token_scores(self.log_probs, token_ids)
+
+
+ScoreResult = TokenScores
+"""fastgim's earlier name of :class:`TokenScores`."""
+
+
+def apply_final_norm(adapter: ModelAdapter, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The model's final norm applied to ``hidden_states (..., hidden)``."""
+    return adapter.get_final_norm()(hidden_states)
+
+
+def project_hidden_to_logits(adapter: ModelAdapter, hidden_states: torch.Tensor, *, apply_norm: bool = True
+                             ) -> torch.Tensor:
+    """Logit lens: the LM head of (the final norm of, with ``apply_norm``) ``hidden_states`` -> ``(..., vocab)``."""
+    if apply_norm:
+        hidden_states = apply_final_norm(adapter, hidden_states)
+    return adapter.get_lm_head()(hidden_states)
+
+
+def project_layer_logits(adapter: ModelAdapter, hidden_states_by_layer: dict[int, torch.Tensor], *,
+                         source_site: str = "block_output") -> dict[int, torch.Tensor]:
+    """:func:`project_hidden_to_logits` per layer; no norm when ``source_site`` is already normed."""
+    apply_norm = source_site not in ("final_norm", "logit_lens_input")
+    return {layer: project_hidden_to_logits(adapter, hidden, apply_norm=apply_norm)
+            for layer, hidden in hidden_states_by_layer.items()}
+
+
+def select_layers(hidden_states_by_layer: dict[int, torch.Tensor], layers: Iterable[int] | None = None
+                  ) -> dict[int, torch.Tensor]:
+    """A copy of ``hidden_states_by_layer`` restricted to ``layers`` (all when None)."""
+    wanted = None if layers is None else set(layers)
+    return {k: v for k, v in hidden_states_by_layer.items() if wanted is None or k in wanted}
 
 
 def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError(f"could not find a tensor in a hook value of type {type(output).__name__}")
+
+
+def _block_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return _first(args) if args else kwargs["hidden_states"]
 
 
 class TransformerTracer:
@@ -159,12 +300,17 @@ class TransformerTracer:
         model: a causal LM with a layout :func:`fastgim.adapters.get_adapter` knows
             (any ``attn_implementation``, ``"gim_fused"`` included).
         tokenizer: needed when passing texts; ``input_ids`` tensors / encodings work without.
+            inteprelens' ``TransformerTracer(model, adapter)`` also works: an adapter given as the
+            second argument is taken as ``adapter``.
+        adapter: a :class:`fastgim.adapters.ModelAdapter` (default ``get_adapter(model)``).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any = None, adapter: ModelAdapter | None = None) -> None:
+        if isinstance(tokenizer, ModelAdapter) and adapter is None:
+            tokenizer, adapter = None, tokenizer
         self.model = model
         self.tokenizer = tokenizer
-        self.adapter: ModelAdapter = get_adapter(model)
+        self.adapter: ModelAdapter = adapter if adapter is not None else get_adapter(model)
 
     @property
     def device(self) -> torch.device:
@@ -174,7 +320,8 @@ class TransformerTracer:
     def encode(self, texts: Any, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Turn texts / token ids / an encoding into ``(input_ids (B, L), attention_mask or None)``."""
         if isinstance(texts, str) or (isinstance(texts, Sequence) and texts and isinstance(texts[0], str)):
-            return self._tokenize([texts] if isinstance(texts, str) else list(texts))
+            ids, mask = self._tokenize([texts] if isinstance(texts, str) else list(texts))
+            return ids, (mask if attention_mask is None else self._check_mask(attention_mask, ids))
         if isinstance(texts, Mapping):
             ids, mask = texts["input_ids"], texts.get("attention_mask", attention_mask)
         elif isinstance(texts, torch.Tensor):
@@ -184,12 +331,13 @@ class TransformerTracer:
                 f"texts must be a str, a list of str, a tensor of token ids or an encoding, got {type(texts).__name__}"
             )
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-        if mask is not None:
-            mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-            mask = mask.to(self.device)
-        return ids.to(self.device), mask
+        return ids.to(self.device), None if mask is None else self._check_mask(mask, ids)
+
+    def _check_mask(self, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+        return mask.to(self.device)
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer
@@ -207,8 +355,15 @@ class TransformerTracer:
                 tok.pad_token = None
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
+    def _inputs(self, texts: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if (texts is None) == (input_ids is None):
+            raise ValueError("give exactly one of texts= or input_ids=")
+        return self.encode(texts if texts is not None else input_ids, attention_mask)
+
     # -- tracing ---------------------------------------------------------------------------------
-    def _resolve(self, layers: Sequence[int] | int | None, sites: Sequence[str] | str | None) -> tuple[list[int], list[str]]:
+    def _resolve(self, layers: Iterable[int] | int | None, sites: Iterable[str] | str | None
+                 ) -> tuple[list[int], list[str]]:
         n = self.adapter.num_layers
         if layers is None:
             layers = range(n)
@@ -219,34 +374,49 @@ class TransformerTracer:
             if not -n <= layer < n:
                 raise IndexError(f"layer {layer} out of range for a model with {n} layers")
             resolved.append(layer % n)
-        sites = list(SITES) if sites is None else ([sites] if isinstance(sites, str) else list(sites))
-        unknown = [s for s in sites if s not in SITES]
-        if unknown:
-            raise ValueError(f"unknown site(s) {unknown}; sites are {', '.join(SITES)}")
-        return sorted(set(resolved)), sites
+        if sites is None:
+            sites = list(DEFAULT_SITES)
+        sites = [sites] if isinstance(sites, str) else list(sites)
+        return sorted(set(resolved)), list(dict.fromkeys(canonical_site(s) for s in sites))
+
+    def _site_hooks(self, layer: int, sites: list[str]) -> list[tuple[nn.Module, str, str]]:
+        """``(module, "input" | "output", site)`` for the module-backed sites of ``layer``."""
+        a = self.adapter
+        block = a.get_layers()[layer]
+        wanted = []
+        if "block_input" in sites:
+            wanted.append((block, "input", "block_input"))
+        if {"block_output", "logits", "logit_lens_input"} & set(sites):
+            wanted.append((block, "output", "block_output"))
+        if "attn_o_proj_pre" in sites:
+            wanted.append((a.get_attention_output_proj(block), "input", "attn_o_proj_pre"))
+        if "attn_output" in sites:
+            wanted.append((a.get_attention_module(block), "output", "attn_output"))
+        if "post_attn_residual" in sites:
+            wanted.append((a.post_attention_anchor(block), "input", "post_attn_residual"))
+        if "mlp_input" in sites:
+            wanted.append((a.get_mlp(block), "input", "mlp_input"))
+        if "mlp_output" in sites:
+            wanted.append((a.get_mlp(block), "output", "mlp_output"))
+        return wanted
 
     @contextlib.contextmanager
-    def _hooks(self, layers: list[int], sites: list[str], store: dict) -> Iterator[None]:
+    def _hooks(self, layers: list[int], sites: list[str], trace: TraceResult, keep: Any) -> Iterator[None]:
+        wanted = [(module, where, site, layer) for layer in layers for module, where, site in self._site_hooks(layer, sites)]
+        if "final_norm" in sites:
+            wanted.append((self.adapter.get_final_norm(), "output", "final_norm", None))
+        if "lm_head_input" in sites:
+            wanted.append((self.adapter.get_lm_head(), "input", "lm_head_input", None))
         handles = []
-        need_block = any(s in sites for s in ("block_out", "final_norm", "logits"))
-
-        def save(key: tuple[str, int], value: torch.Tensor) -> None:
-            store[key] = value.detach()
-
         try:
-            for layer in layers:
-                if "attn_o_proj_pre" in sites:
-                    handles.append(self.adapter.get_o_proj(layer).register_forward_pre_hook(
-                        lambda _m, args, key=("attn_o_proj_pre", layer): save(key, args[0])))
-                if "attn_out" in sites:
-                    handles.append(self.adapter.get_attention_module(layer).register_forward_hook(
-                        lambda _m, _a, out, key=("attn_out", layer): save(key, _first(out))))
-                if "mlp_out" in sites:
-                    handles.append(self.adapter.get_mlp(layer).register_forward_hook(
-                        lambda _m, _a, out, key=("mlp_out", layer): save(key, _first(out))))
-                if need_block:
-                    handles.append(self.adapter.get_layers()[layer].register_forward_hook(
-                        lambda _m, _a, out, key=("block_out", layer): save(key, _first(out))))
+            for module, where, site, layer in wanted:
+                if where == "input":
+                    handles.append(module.register_forward_pre_hook(
+                        lambda _m, args, kwargs, s=site, i=layer: trace.add(s, keep(_block_input(args, kwargs)), i),
+                        with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(
+                        lambda _m, _a, out, s=site, i=layer: trace.add(s, keep(_first(out)), i)))
             yield
         finally:
             for handle in handles:
@@ -254,60 +424,93 @@ class TransformerTracer:
 
     def trace(
         self,
-        texts: Any,
-        layers: Sequence[int] | int | None = None,
-        sites: Sequence[str] | str | None = None,
+        texts: Any = None,
+        layers: Iterable[int] | int | None = None,
+        sites: Iterable[str] | str | None = None,
         *,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        detach: bool = True,
+        clone: bool = True,
+        **model_kwargs: Any,
     ) -> TraceResult:
-        """Run one forward pass and capture ``sites`` at ``layers`` (defaults: all of both).
+        """Run one forward pass and capture ``sites`` at ``layers``.
 
         Args:
-            texts: str, list of str (padded with the tokenizer), ``input_ids (B, L)`` or an encoding.
+            texts: str, list of str (padded with the tokenizer), ``input_ids (B, L)`` or an encoding
+                (or pass ``input_ids=`` as inteprelens does).
             layers: layer indices (negative count from the end); None = all layers.
-            sites: names from :data:`SITES`; None = all.
+            sites: names from :mod:`fastgim.sites`; None = ``("block_output", "final_norm", "logits")``.
             attention_mask: ``(B, L)`` 0/1 padding mask when passing ``input_ids``.
+            detach / clone: store detached / cloned tensors (defaults as inteprelens); with
+                ``detach=False`` the forward runs with autograd on.
+            model_kwargs: passed to the model's forward.
 
         Returns:
-            :class:`TraceResult` (detached tensors, model dtype; ``logits`` in the LM head's dtype).
+            :class:`TraceResult` (tensors in the model dtype; ``logits`` in the LM head's dtype).
         """
         layers, sites = self._resolve(layers, sites)
-        input_ids, mask = self.encode(texts, attention_mask)
-        store: dict[tuple[str, int], torch.Tensor] = {}
-        with torch.no_grad(), self._hooks(layers, sites, store):
-            out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False,
-                             **position_ids_from_mask(mask))
-            final_logits = _first(out.logits if hasattr(out, "logits") else out).detach()
-            for layer in layers:
-                block = store.get(("block_out", layer))
-                if block is None:
-                    continue
-                if "final_norm" in sites or "logits" in sites:
-                    normed = self.adapter.get_final_norm()(block)
-                    if "final_norm" in sites:
-                        store[("final_norm", layer)] = normed
-                    if "logits" in sites:
-                        store[("logits", layer)] = self.adapter.get_lm_head()(normed)
-                if "block_out" not in sites:
-                    del store[("block_out", layer)]
-        return TraceResult(store, final_logits, input_ids, mask, layers, sites, self.adapter.num_heads)
+        input_ids, mask = self._inputs(texts, input_ids, attention_mask)
+        trace = TraceResult(metadata={"requested_layers": tuple(layers), "requested_sites": tuple(sites),
+                                      "num_layers": self.adapter.num_layers},
+                            input_ids=input_ids, attention_mask=mask, num_heads=self.adapter.num_heads)
 
-    def score(self, texts: Any, temperature: float = 1.0, *, attention_mask: torch.Tensor | None = None) -> ScoreResult:
-        """Logits, log-probabilities and probabilities of every position for ``texts``.
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.detach() if detach else tensor
+            return tensor.clone() if clone else tensor
+
+        kwargs = {"use_cache": False, **position_ids_from_mask(mask), **model_kwargs}
+        with torch.set_grad_enabled(not detach and torch.is_grad_enabled()):
+            with self._hooks(layers, sites, trace, keep):
+                out = self.model(input_ids=input_ids, attention_mask=mask, **kwargs)
+            trace.final_logits = keep(_first(out.logits if hasattr(out, "logits") else out))
+            self._project_layers(trace, layers, sites)
+        return trace
+
+    def _project_layers(self, trace: TraceResult, layers: list[int], sites: list[str]) -> None:
+        """Add the synthetic per-layer sites (``logits``, ``logit_lens_input``) from ``block_output``."""
+        if not {"logits", "logit_lens_input"} & set(sites):
+            return
+        blocks = trace.activations.get("block_output", {})
+        for layer in layers:
+            normed = apply_final_norm(self.adapter, blocks[layer])
+            if "logit_lens_input" in sites:
+                trace.add("logit_lens_input", normed, layer)
+            if "logits" in sites:
+                trace.add("logits", project_hidden_to_logits(self.adapter, normed, apply_norm=False), layer)
+        if "block_output" not in sites:
+            del trace.activations["block_output"]
+
+    def score(
+        self,
+        texts: Any = None,
+        temperature: float | None = 1.0,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> TokenScores:
+        """Logits / temperature, log-probabilities and probabilities of every position for ``texts``.
 
         Args:
-            texts: as in :meth:`trace`.
-            temperature: divides the logits before ``log_softmax`` / ``softmax`` (must be > 0).
+            texts: as in :meth:`trace` (or ``input_ids=``).
+            temperature: divides the logits (must be > 0; None = 1).
+            model_kwargs: passed to the model's forward.
 
         Returns:
-            :class:`ScoreResult` with ``logits (B, L, vocab)`` (raw, model dtype) and float32
-            ``log_probs`` / ``probs``.
+            :class:`TokenScores` with ``logits (B, L, vocab)`` = model logits / temperature.
         """
-        if not temperature > 0:
+        if temperature is not None and not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        input_ids, mask = self.encode(texts, attention_mask)
+        input_ids, mask = self._inputs(texts, input_ids, attention_mask)
+        kwargs = {"use_cache": False, **position_ids_from_mask(mask), **model_kwargs}
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **position_ids_from_mask(mask))
-        logits = (out.logits if hasattr(out, "logits") else _first(out)).detach()
-        scaled = logits.float() / temperature
-        return ScoreResult(logits, torch.log_softmax(scaled, -1), torch.softmax(scaled, -1), mask, float(temperature))
+            out = self.model(input_ids=input_ids, attention_mask=mask, **kwargs)
+        if not hasattr(out, "logits"):
+            raise ValueError(f"{type(self.model).__name__}'s output has no logits; use a causal LM")
+        logits = out.logits.detach()
+        scaled = logits / temperature if temperature not in (None, 1.0) else logits
+        return TokenScores(scaled.clone(), input_ids.detach().clone(),
+                           None if mask is None else mask.detach().clone(),
+                           metadata={"model_class": type(self.model).__name__},
+                           temperature=1.0 if temperature is None else float(temperature))

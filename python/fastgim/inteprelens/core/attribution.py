@@ -1,0 +1,5 @@
+"""``inteprelens.core.attribution``."""
+
+from fastgim.chg import CausalCircuitAttribution
+
+__all__ = ["CausalCircuitAttribution"]

@@ -1,0 +1,5 @@
+"""``inteprelens.core.chg``."""
+
+from fastgim.chg import CHG
+
+__all__ = ["CHG"]

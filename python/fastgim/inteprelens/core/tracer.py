@@ -1,0 +1,5 @@
+"""``inteprelens.core.tracer``."""
+
+from fastgim.tracing import TransformerTracer
+
+__all__ = ["TransformerTracer"]

@@ -1,0 +1,5 @@
+"""``inteprelens.core.trainer``."""
+
+from fastgim.chg import CHGTrainer
+
+__all__ = ["CHGTrainer"]

@@ -1,0 +1,5 @@
+"""``inteprelens.utils.ds``."""
+
+from fastgim.chg import CHGDataset, MaskedSequenceDataset
+
+__all__ = ["CHGDataset", "MaskedSequenceDataset"]

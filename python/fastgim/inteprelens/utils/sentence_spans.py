@@ -1,0 +1,5 @@
+"""``inteprelens.utils.sentence_spans``."""
+
+from fastgim.sentence_spans import aggregate_to_sentences, get_sentence_token_spans
+
+__all__ = ["aggregate_to_sentences", "get_sentence_token_spans"]
