@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim import validation
 from fastgim.attribution import (
     METHODS,
     attribute,
@@ -136,6 +137,9 @@ def evaluate(
     examples = [_example(item) for item in data]
     if not examples:
         raise ValueError("evaluate got no examples")
+    vocab = validation.vocabulary_size(model)
+    for example in examples:  # every input checked before any compute
+        prepare_inputs(example["inputs"], tokenizer, vocab=vocab)
     baseline = resolve_baseline(baseline_token_id, tokenizer, model)
     if baseline is None:
         raise ValueError("evaluation replaces tokens by a baseline token: pass baseline_token_id= or a tokenizer")
@@ -183,7 +187,8 @@ def _evaluate_example(
     was_training = model.training
     model.eval()
     try:
-        prepared = prepare_inputs(example["inputs"], tokenizer, device=device)
+        prepared = prepare_inputs(example["inputs"], tokenizer, device=device,
+                                  vocab=validation.vocabulary_size(model))
         prepared, spec = build_target(model, prepared, example["target"], tokenizer=tokenizer,
                                       contrast=example["contrast"])
         eligible = torch.arange(1, prepared.prompt_length - 1)

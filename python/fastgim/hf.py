@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fastgim import validation
 from fastgim.ops.attention import attention
 from fastgim.pruning import LAST_QUERY_ONLY
 
@@ -39,13 +40,16 @@ def head_gates(gates: torch.Tensor | None) -> Iterator[torch.Tensor | None]:
 
     Args:
         gates: ``(num_layers, num_heads)`` (shared by the batch) or ``(batch, num_layers, num_heads)``,
-            any float dtype; may require grad (the gate gradient flows back through the op).
+            any float dtype, every value in ``[0, 1]`` (checked); may require grad (the gate gradient flows
+            back through the op).
             ``None`` disables gating.
     """
     if gates is not None and gates.dim() not in (2, 3):
         raise ValueError(
             f"head gates must be (num_layers, num_heads) or (batch, num_layers, num_heads), got {tuple(gates.shape)}"
         )
+    if gates is not None:
+        validation.gates(gates)
     token = _HEAD_GATES.set(gates)
     try:
         yield gates

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim import validation
 from fastgim.adapters import ModelAdapter, get_adapter
 
 __all__ = ["SITES", "TransformerTracer", "TraceResult", "ScoreResult", "last_token_index", "target_positions",
@@ -52,15 +53,9 @@ def target_positions(mask: torch.Tensor, target_position: int = -1) -> torch.Ten
 
     -1 is each row's last real token; works for left and right padding.
     """
-    if isinstance(target_position, bool) or not isinstance(target_position, int):
-        raise TypeError(f"target_position must be an int, got {type(target_position).__name__}")
     lengths = mask.sum(-1)
     shortest = int(lengths.min())
-    if not -shortest <= target_position < shortest:
-        raise ValueError(
-            f"target_position {target_position} is out of range for a sequence of {shortest} real tokens; "
-            f"use a value in [{-shortest}, {shortest - 1}] (-1 = the last token)"
-        )
+    target_position = validation.position(target_position, shortest, unit="real tokens")
     wanted = lengths + target_position if target_position < 0 else torch.full_like(lengths, target_position)
     order = torch.cumsum(mask.long(), -1) - 1
     return (mask & (order == wanted[:, None])).float().argmax(-1)
@@ -183,11 +178,12 @@ class TransformerTracer:
             raise TypeError(
                 f"texts must be a str, a list of str, a tensor of token ids or an encoding, got {type(texts).__name__}"
             )
+        ids = validation.token_ids(ids, validation.vocabulary_size(self.model))
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
         if mask is not None:
+            mask = torch.as_tensor(mask)
             mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+            validation.attention_mask(mask, ids)
             mask = mask.to(self.device)
         return ids.to(self.device), mask
 
