@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
+LEVELS = ("token", "word", "sentence")
 _TENSOR_FIELDS = ("scores", "target_scores")
 _SENTENCE_END = re.compile(r"[.!?]['\")\]]*\s*$|\n\s*$")
 
@@ -67,6 +68,8 @@ class Attribution:
             raise ValueError(f"target_scores must be [n_target, {n}], got {tuple(self.target_scores.shape)}")
         if self.prompt_length is None:
             self.prompt_length = n
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -166,7 +169,7 @@ class Attribution:
         version = meta.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"{json_path} has format version {version!r}; this fastgim reads {FORMAT_VERSION}")
-        tensors = load_file(str(json_path.parent / meta.pop("tensors")))
+        tensors = load_file(str(_tensor_file(json_path, meta.pop("tensors", None))))
         return cls(**meta, scores=tensors["scores"], target_scores=tensors.get("target_scores"))
 
     @classmethod
@@ -197,6 +200,16 @@ class Attribution:
     def plot(self, path: str | Path, *, dpi: int = 120) -> Path:
         """Save a matplotlib PNG heatmap (rows: total, then one per target token) to ``path``."""
         return plot_heatmap(self, Path(path), dpi=dpi)
+
+
+def _tensor_file(json_path: Path, name: Any) -> Path:
+    """The tensors file a saved JSON names: a plain file name in the JSON's own folder, nothing else."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(
+            f"{json_path} names its tensors file as {name!r}; it must be a file name in the same folder "
+            "(as Attribution.save writes it), not a path"
+        )
+    return json_path.parent / name
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -262,13 +275,14 @@ def rich_renderables(attr: Attribution) -> list[Any]:
         r, g, b = colour(value, scale)
         style = f"black on rgb({r},{g},{b})" + (" underline" if i >= (attr.prompt_length or 0) else "")
         text.append(piece, style=style)
-    table = Table(title=f"{attr.level} attributions", show_lines=False)
+    # Strings go in as Text, never as markup: a token such as "[/]" or "[bold red]" is shown as written.
+    table = Table(title=Text(f"{attr.level} attributions"), show_lines=False)
     table.add_column("#", justify="right")
-    table.add_column(attr.level)
+    table.add_column(Text(attr.level))
     table.add_column("score", justify="right")
     for i, (piece, value) in enumerate(zip(attr.pieces, attr.scores.tolist())):
         r, g, b = colour(value, scale)
-        table.add_row(str(i), repr(piece), Text(f"{value:+.4g}", style=f"black on rgb({r},{g},{b})"))
+        table.add_row(str(i), Text(repr(piece)), Text(f"{value:+.4g}", style=f"black on rgb({r},{g},{b})"))
     return [Text("\n".join(_describe(attr)), style="bold"), text, table]
 
 
@@ -319,7 +333,7 @@ def html_page(attr: Attribution, *, title: str | None = None) -> str:
         f"<tr><td>{i}</td><td>{escape(repr(p))}</td><td>{v:+.6g}</td></tr>"
         for i, (p, v) in enumerate(zip(attr.pieces, attr.scores.tolist()))
     )
-    body.append(f"<table><tr><th>#</th><th>{attr.level}</th><th>score</th></tr>{rows}</table>")
+    body.append(f"<table><tr><th>#</th><th>{html.escape(attr.level)}</th><th>score</th></tr>{rows}</table>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title or 'fastgim attribution')}</title><style>{_CSS}</style></head>"
