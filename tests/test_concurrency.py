@@ -166,3 +166,28 @@ def test_kept_rows_and_checkpointing_act_only_in_the_calling_thread() -> None:
     torch.testing.assert_close(inside[0, 8], expected[0, 8], rtol=1e-5, atol=1e-6)  # this thread: the kept row
     assert not torch.equal(inside[0, :8], expected[0, :8])
     assert not last_mlp._forward_pre_hooks and not last_mlp._forward_hooks
+
+
+def test_attention_switch_outlives_the_first_user_to_leave() -> None:
+    """CHG-style gating (hf.use_gim_fused) in one thread must not switch the model back under a GIM call."""
+    import fastgim
+    from fastgim import hf
+
+    model = _model("sdpa")
+    entered, leave, left = threading.Event(), threading.Event(), threading.Event()
+
+    def gating_user() -> None:
+        with hf.use_gim_fused(model):
+            entered.set()
+            leave.wait()
+        left.set()
+
+    thread = threading.Thread(target=gating_user)
+    thread.start()
+    entered.wait()
+    with fastgim.GIM(model):
+        leave.set()
+        left.wait()
+        assert model.config._attn_implementation == "gim_fused", "switched back while a GIM call runs"
+    thread.join()
+    assert model.config._attn_implementation == "sdpa"

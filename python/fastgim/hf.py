@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from fastgim import validation
+from fastgim.model_patches import shared_patch
 from fastgim.ops.attention import attention
 from fastgim.pruning import LAST_QUERY_ONLY
 
@@ -180,16 +181,23 @@ def _current_implementation(model: nn.Module) -> str | dict | None:
     return config._attn_implementation
 
 
-@contextlib.contextmanager
-def use_gim_fused(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch ``model`` to ``gim_fused`` attention for the block; restore the previous one after."""
-    check_supported(model)
+def _switch_to_gim_fused(model: nn.Module) -> Callable[[], None]:
+    """Set ``gim_fused`` attention; returns the undo (nothing to undo when the model is on it already)."""
     previous = _current_implementation(model)
     if previous == IMPLEMENTATION or (isinstance(previous, dict) and set(previous.values()) == {IMPLEMENTATION}):
-        yield model
-        return
+        return lambda: None
     model.set_attn_implementation(IMPLEMENTATION)
-    try:
+    return lambda: model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def use_gim_fused(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch ``model`` to ``gim_fused`` attention for the block; restore the previous one after.
+
+    Concurrent and nested blocks (GIM, CHG, in any threads) share one switch: the first switches, the
+    last to leave restores (:func:`fastgim.model_patches.shared_patch`), so no block sees the model
+    switched back under it.
+    """
+    check_supported(model)
+    with shared_patch(model, "gim_fused_attention", lambda: _switch_to_gim_fused(model)):
         yield model
-    finally:
-        model.set_attn_implementation(previous)
