@@ -70,3 +70,11 @@ def test_save_load_round_trip_still_exact(tmp_path):
     attribution = _attribution()
     attribution.save(tmp_path / "saved")
     assert Attribution.load(tmp_path / "saved").equals(attribution)
+
+
+def test_cli_explain_at_word_level_prints_markup_literally(capsys):
+    from fastgim.cli import main
+
+    assert main(["explain", "--text", "The capital [/] of [bold red]France is", "--level", "word"]) == 0
+    out = capsys.readouterr().out
+    assert "' [/]'" in out and "[bold" in out
