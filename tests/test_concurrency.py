@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastgim.checkpointing import checkpoint_layers, transformer_blocks
 from fastgim.explain import explain
-from fastgim.params import no_parameter_grads
+from fastgim.params import eval_mode, no_parameter_grads
 from fastgim.pruning import target_rows_only
 
 VOCAB = 67
@@ -130,24 +130,30 @@ def test_concurrent_explain_equals_single_threaded_and_leaves_the_model_unchange
     assert _state(model) == before
 
 
-def test_parameter_flags_are_restored_by_the_last_user() -> None:
-    model = _model("gim_fused")
-    flags = [p.requires_grad for p in model.parameters()]
+def _state_of(switch: str, model: torch.nn.Module) -> list[bool]:
+    return [p.requires_grad for p in model.parameters()] if switch == "flags" else [model.training]
+
+
+@pytest.mark.parametrize("switch", ["flags", "eval_mode"])
+def test_switches_are_restored_by_the_last_user(switch: str) -> None:
+    model = _model("gim_fused").train()
+    context = {"flags": no_parameter_grads, "eval_mode": eval_mode}[switch]
+    before = _state_of(switch, model)
     entered, leave = threading.Event(), threading.Event()
 
     def first_in_first_out() -> None:
-        with no_parameter_grads(model):
+        with context(model):
             entered.set()
             leave.wait()
 
     thread = threading.Thread(target=first_in_first_out)
     thread.start()
     entered.wait()
-    with no_parameter_grads(model):
+    with context(model):
         leave.set()
         thread.join()
-        assert not any(p.requires_grad for p in model.parameters()), "switched back on under a running call"
-    assert [p.requires_grad for p in model.parameters()] == flags, "the last user restores every flag"
+        assert not any(_state_of(switch, model)), "switched back under a running call"
+    assert _state_of(switch, model) == before, "the last user restores the model"
 
 
 def test_kept_rows_and_checkpointing_act_only_in_the_calling_thread() -> None:

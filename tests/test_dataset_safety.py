@@ -156,3 +156,15 @@ def test_an_int_target_token_id_applies_to_every_prompt(tmp_path):
     assert [r["target_token_id"] for r in records] == [5, 5]
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         attribute_dataset(model, tokenizer, texts, tmp_path / "p.jsonl", target_token_id=500)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"softmax_temperature": float("nan")}, ValueError, "softmax_temperature must be finite"),
+    ({"baseline_token_id": 500}, ValueError, "outside the model's vocabulary"),
+    ({"target_token_id": 1.5}, TypeError, "target_token_id must be an integer token id"),
+])
+def test_explain_arguments_are_checked_before_any_compute(tmp_path, kwargs, error, message):
+    model, tokenizer = _tiny_lm()
+    with pytest.raises(error, match=message):
+        attribute_dataset(model, tokenizer, ["the capital"], tmp_path / "o.jsonl", **kwargs)
+    assert not list(tmp_path.iterdir()), "nothing written"

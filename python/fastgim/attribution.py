@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fastgim import validation
-from fastgim.params import no_parameter_grads
+from fastgim.params import eval_mode, no_parameter_grads
 from fastgim.results import Attribution
 from fastgim.settings import (
     DEFAULT_GATE_SCALE,
@@ -406,14 +406,9 @@ def embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _attribution_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the block; both restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with no_parameter_grads(model):
-            yield
-    finally:
-        model.train(was_training)
+    """Eval mode and no parameter gradients for the block; both restored afterwards (by the last concurrent user)."""
+    with eval_mode(model), no_parameter_grads(model):
+        yield
 
 
 def resolve_baseline(baseline_token_id: int | None, tokenizer: Any, model: nn.Module) -> int | None:

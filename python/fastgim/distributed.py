@@ -12,6 +12,7 @@ the parts into ``output`` ordered by prompt index, each prompt exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -124,6 +125,20 @@ def _check_output(output: Path) -> Path:
     return output
 
 
+def _check_explain_arguments(model: nn.Module, tokenizer: Any, explain_kwargs: dict[str, Any]) -> None:
+    """What the built-in worker would refuse, refused before any compute (settings, token ids, tokenizer)."""
+    from fastgim.settings import GIMSettings
+
+    validation.require_tokenizer(tokenizer, "attribute_dataset's texts")
+    fields = {field.name for field in dataclasses.fields(GIMSettings)}
+    GIMSettings(**{k: v for k, v in explain_kwargs.items() if k in fields and k != "freeze_norm"})
+    vocab = validation.vocabulary_size(model)
+    for name in ("baseline_token_id", "target_token_id", "contrast_token_id"):
+        value = explain_kwargs.get(name)
+        if value is not None:  # one id for every prompt
+            validation.token_id(value, vocab if vocab is not None else 2**63, name)
+
+
 def _explain_batch(
     model: nn.Module, tokenizer: Any, texts: Sequence[str], explain_kwargs: dict[str, Any]
 ) -> list[Record]:
@@ -203,6 +218,8 @@ def attribute_dataset(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     texts = validation.texts(texts)
     output = _check_output(Path(output))
+    if explain_fn is None:
+        _check_explain_arguments(model, tokenizer, explain_kwargs)
     distributed = init_distributed()
     rank, world = rank_and_world()
     worker = explain_fn or _explain_batch

@@ -16,6 +16,7 @@ All perturbed inputs of one example run through the model as one batch (chunks o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
@@ -34,6 +35,7 @@ from fastgim.attribution import (
     resolve_baseline,
     target_values,
 )
+from fastgim.params import eval_mode
 
 __all__ = ["evaluate", "EvaluationResult", "SUFFICIENCY_FRACTIONS"]
 
@@ -184,8 +186,8 @@ def _evaluate_example(
     max_k: int, fractions: Sequence[float], batch_size: int, method_kwargs: dict[str, dict[str, Any]], bar: Any,
 ) -> list[dict[str, Any]] | None:
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    mode = contextlib.ExitStack()
+    mode.enter_context(eval_mode(model))  # restored by the last concurrent user
     try:
         prepared = prepare_inputs(example["inputs"], tokenizer, device=device,
                                   vocab=validation.vocabulary_size(model))
@@ -212,7 +214,7 @@ def _evaluate_example(
             bar.update(1)
         return rows
     finally:
-        model.train(was_training)
+        mode.close()
 
 
 def _curves(

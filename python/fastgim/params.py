@@ -32,3 +32,16 @@ def no_parameter_grads(model: nn.Module) -> Iterator[None]:
     """
     with shared_patch(model, "no_parameter_grads", lambda: _switch_off(model)):
         yield
+
+
+def _switch_to_eval(model: nn.Module) -> Undo:
+    was_training = model.training
+    model.eval()
+    return lambda: model.train(was_training)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, the previous mode restored by the last concurrent user."""
+    with shared_patch(model, "eval_mode", lambda: _switch_to_eval(model)):
+        yield
