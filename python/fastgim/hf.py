@@ -23,6 +23,7 @@ from fastgim import validation
 from fastgim.model_patches import shared_patch
 from fastgim.ops.attention import attention
 from fastgim.pruning import LAST_QUERY_ONLY
+from fastgim.settings import current_settings
 
 IMPLEMENTATION = "gim_fused"
 
@@ -94,6 +95,13 @@ def gim_fused_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q ``(B, Hq, S, D)``, k/v ``(B, Hkv, S_kv, D)`` -> ``(B, S, Hq, D)``."""
+    if _plain_sdpa_call(module):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+            sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )
     if dropout:
         raise ValueError(
             f"gim_fused attention has no attention dropout (got p={dropout}): call model.eval() or set the "
@@ -181,13 +189,39 @@ def _current_implementation(model: nn.Module) -> str | dict | None:
     return config._attn_implementation
 
 
+#: ``id`` of each config that fastgim switched from ``sdpa`` to ``gim_fused`` (while switched).
+_SWITCHED_FROM_SDPA: set[int] = set()
+
+
 def _switch_to_gim_fused(model: nn.Module) -> Callable[[], None]:
     """Set ``gim_fused`` attention; returns the undo (nothing to undo when the model is on it already)."""
     previous = _current_implementation(model)
     if previous == IMPLEMENTATION or (isinstance(previous, dict) and set(previous.values()) == {IMPLEMENTATION}):
         return lambda: None
+    configs = {id(m.config) for m in model.modules() if getattr(m, "config", None) is not None}
     model.set_attn_implementation(IMPLEMENTATION)
-    return lambda: model.set_attn_implementation(previous)
+    if previous == "sdpa":
+        _SWITCHED_FROM_SDPA.update(configs)
+
+    def undo() -> None:
+        _SWITCHED_FROM_SDPA.difference_update(configs)
+        model.set_attn_implementation(previous)
+
+    return undo
+
+
+def _plain_sdpa_call(module: nn.Module) -> bool:
+    """True for a call that neither GIM, gates nor pruning touch, on a model fastgim switched from ``sdpa``.
+
+    Such calls (plain inference in another thread while a GIM call runs) take the model's own ``sdpa``
+    path, so their outputs are bit for bit what they would be without fastgim.
+    """
+    return (
+        id(getattr(module, "config", None)) in _SWITCHED_FROM_SDPA
+        and current_settings() is None
+        and _HEAD_GATES.get() is None
+        and id(module) not in LAST_QUERY_ONLY.get()
+    )
 
 
 @contextlib.contextmanager
