@@ -156,6 +156,11 @@ def explain(
 
     Returns:
         float32 attributions, ``[seq]`` for 1-D or batch-1 input, else ``[batch, seq]``; padded positions are 0.
+
+    Raises:
+        TypeError / ValueError: for inputs :mod:`fastgim.validation` refuses (before any compute).
+        FloatingPointError: when the attribution is not finite, naming the likely cause (NaN weights, fp16
+            overflow, ...). The model is unchanged after any error; concurrent calls on one model are safe.
     """
     if is_hooked_transformer(model):
         return _explain_tlens(
