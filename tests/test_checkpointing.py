@@ -8,6 +8,7 @@ import gc
 import inspect
 import os
 import platform
+import threading
 
 import pytest
 import torch
@@ -97,14 +98,21 @@ def test_restores_forwards_after_an_error() -> None:
     assert not any("forward" in block.__dict__ for block in blocks)
 
 
-def test_disabled_is_a_no_op_and_double_patching_is_refused() -> None:
+def test_disabled_is_a_no_op_nesting_shares_the_patch_and_a_foreign_patch_is_refused() -> None:
     model = _model()
+    blocks = transformer_blocks(model)
     with checkpoint_layers(model, enabled=False) as same:
-        assert same is model and not any("forward" in b.__dict__ for b in transformer_blocks(model))
-    with checkpoint_layers(model), pytest.raises(RuntimeError, match="already patched"):
+        assert same is model and not any("forward" in b.__dict__ for b in blocks)
+    with checkpoint_layers(model):
+        patched = [b.__dict__["forward"] for b in blocks]
         with checkpoint_layers(model):
-            pass
-    assert not any("forward" in block.__dict__ for block in transformer_blocks(model))
+            assert [b.__dict__["forward"] for b in blocks] == patched
+        assert [b.__dict__["forward"] for b in blocks] == patched  # the outer block still checkpoints
+    assert not any("forward" in block.__dict__ for block in blocks)
+    blocks[1].forward = blocks[1].forward  # someone else's instance forward
+    with pytest.raises(RuntimeError, match="already patched"), checkpoint_layers(model):
+        pass
+    assert "forward" not in blocks[0].__dict__ and "forward" in blocks[1].__dict__
 
 
 def test_kv_cache_is_off_inside_and_an_explicit_cache_is_refused() -> None:
@@ -112,11 +120,22 @@ def test_kv_cache_is_off_inside_and_an_explicit_cache_is_refused() -> None:
     assert model.config.use_cache
     ids, _ = _inputs(1, 4, False)
     with checkpoint_layers(model):
-        assert model.config.use_cache is False
         assert model(ids).past_key_values is None or len(model(ids).past_key_values) == 0
         with pytest.raises(RuntimeError, match="use_cache=False"):
             model(ids, use_cache=True)
     assert model.config.use_cache is True
+
+
+def test_calls_outside_the_block_keep_their_cache_and_run_unpatched() -> None:
+    model = _model()
+    ids, _ = _inputs(1, 4, False)
+    seen: list = []
+    with checkpoint_layers(model):
+        assert model.config.use_cache is True  # the config is shared with other threads: never changed
+        outside = threading.Thread(target=lambda: seen.append(model(ids).past_key_values))
+        outside.start()
+        outside.join()
+    assert seen[0] is not None and len(seen[0]) > 0, "a call outside the block keeps its cache"
 
 
 def test_unknown_model_is_an_error_naming_it() -> None:

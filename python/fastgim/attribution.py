@@ -38,10 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim import validation
 from fastgim.explain import _last_block_rows  # the same last-block pruning as explain
 from fastgim.loading import check_input_length
 from fastgim.methods import GIM_RULE_METHODS, METHODS
-from fastgim.params import no_parameter_grads
+from fastgim.params import eval_mode, no_parameter_grads
 from fastgim.progress import progress_bar
 from fastgim.results import Attribution
 from fastgim.settings import (
@@ -180,7 +181,8 @@ def attribute(
         v_scale=v_scale, gate_scale=gate_scale, up_scale=up_scale,
     )
     device = _device(model)
-    prepared = prepare_inputs(inputs, tokenizer, attention_mask=attention_mask, device=device)
+    prepared = prepare_inputs(inputs, tokenizer, attention_mask=attention_mask, device=device,
+                              vocab=validation.vocabulary_size(model))
     check_input_length(model, prepared.input_ids.shape[1])
     with _attribution_mode(model):
         if generate:
@@ -202,6 +204,7 @@ def attribute(
             method, model, prepared, spec, baseline_id, settings,
             n_steps=n_steps, internal_batch_size=internal_batch_size, seed=seed, progress=progress,
         )
+        validation.finite_result(components[0], model, f"the {method} attribution")
     record = {"baseline_token_id": baseline_id, "objective": objective, "contrast": contrast}
     if method == "integrated_gradients":
         record.update(n_steps=n_steps, internal_batch_size=internal_batch_size, gim_backward=gim_backward)
@@ -217,17 +220,20 @@ def attribute(
 # ---------------------------------------------------------------------- inputs
 def prepare_inputs(
     inputs: Any, tokenizer: Any = None, *, attention_mask: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", vocab: int | None = None,
 ) -> PreparedInputs:
-    """Turn text / chat messages / token ids / a tokenizer output into :class:`PreparedInputs`."""
+    """Turn text / chat messages / token ids / a tokenizer output into :class:`PreparedInputs`.
+
+    The ids and the mask are checked by :mod:`fastgim.validation` (ids in ``[0, vocab)`` when ``vocab`` is given).
+    """
     extra: dict[str, torch.Tensor] = {}
     if isinstance(inputs, str):
         if not inputs.strip():
             raise ValueError("the input text is empty; pass a non-empty string")
         encoded = _tokenizer_required(tokenizer, "text inputs")(inputs, return_tensors="pt")
-        return prepare_inputs(dict(encoded), device=device)
+        return prepare_inputs(dict(encoded), device=device, vocab=vocab)
     if _is_chat(inputs):
-        return prepare_inputs(_chat_text(inputs, tokenizer), tokenizer, device=device)
+        return prepare_inputs(_chat_text(inputs, tokenizer), tokenizer, device=device, vocab=vocab)
     if isinstance(inputs, dict) or hasattr(inputs, "keys"):
         encoded = dict(inputs)
         if "input_ids" not in encoded:
@@ -237,12 +243,10 @@ def prepare_inputs(
         extra = {k: _as_row(v, k).to(device) for k, v in encoded.items() if k == "token_type_ids"}
     else:
         ids = inputs
-    ids = _as_row(ids, "input ids").long().to(device)
-    if ids.shape[1] == 0:
-        raise ValueError("the input has no tokens; pass at least one token id (or non-empty text)")
+    ids = _as_row(validation.token_ids(ids, vocab, "input ids"), "input ids").to(device)
     mask = None if attention_mask is None else _as_row(attention_mask, "attention_mask").to(device)
-    if mask is not None and mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input ids {tuple(ids.shape)}")
+    if mask is not None:
+        validation.attention_mask(mask, ids)
     return PreparedInputs(ids, mask, extra, ids.shape[1])
 
 
@@ -273,9 +277,7 @@ def _chat_text(messages: Sequence[dict[str, str]], tokenizer: Any) -> str:
 
 
 def _tokenizer_required(tokenizer: Any, what: str) -> Any:
-    if tokenizer is None:
-        raise ValueError(f"{what} need a tokenizer: pass tokenizer=... (or give token ids)")
-    return tokenizer
+    return validation.require_tokenizer(tokenizer, what)
 
 
 def _encode_plain(tokenizer: Any, text: str) -> list[int]:
@@ -302,9 +304,7 @@ def build_target(
         if contrast is not None:
             raise ValueError("contrast= works with single-token targets; give target as a token id")
         return _continuation_target(prepared, target, tokenizer)
-    if not -length <= target_position < length:
-        raise ValueError(f"target_position {target_position} is outside the input of {length} tokens")
-    position = target_position % length
+    position = validation.position(target_position, length) % length
     if outputs is None:
         with torch.no_grad():
             outputs = _forward(model, prepared.input_ids, prepared)
@@ -413,20 +413,16 @@ def embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _attribution_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the block; both restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with no_parameter_grads(model):
-            yield
-    finally:
-        model.train(was_training)
+    """Eval mode and no parameter gradients for the block; both restored afterwards (by the last concurrent user)."""
+    with eval_mode(model), no_parameter_grads(model):
+        yield
 
 
 def resolve_baseline(baseline_token_id: int | None, tokenizer: Any, model: nn.Module) -> int | None:
     """The baseline token: explicit id, else the tokenizer's space token, else pad, else unk, else None."""
     if baseline_token_id is not None:
-        return int(baseline_token_id)
+        vocab = validation.vocabulary_size(model)
+        return validation.token_id(baseline_token_id, vocab if vocab is not None else 2**63, "baseline_token_id")
     if tokenizer is not None:
         space = _encode_plain(tokenizer, " ")
         if len(space) == 1:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastgim.function_mode import run_under_active_mode
+from fastgim.model_patches import shared_patch
 
 _LAYER_LISTS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
                 "encoder.layer", "bert.encoder.layer", "layers", "h")
@@ -53,8 +55,16 @@ def _given_cache(args: tuple, kwargs: dict) -> object | None:
     return named if named is not None else next((v for v in (*args, *kwargs.values()) if _is_cache(v)), None)
 
 
-def _checkpointed(forward):
+#: Per call: ``id`` of every block (and config-carrying module) that this call checkpoints.
+_CHECKPOINTED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "fastgim_checkpointed", default=frozenset()
+)
+
+
+def _checkpointed(block: nn.Module, forward):
     def run(*args, **kwargs):
+        if id(block) not in _CHECKPOINTED.get():
+            return forward(*args, **kwargs)
         if _given_cache(args, kwargs) is not None:
             raise RuntimeError(
                 "checkpoint_layers: the model was called with a KV cache (use_cache=True or past_key_values); "
@@ -71,40 +81,56 @@ def _checkpointed(forward):
     return run
 
 
-def _configs(model: nn.Module) -> list:
-    """The distinct configs of ``model`` and its submodules that carry ``use_cache``."""
-    found: dict[int, object] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "use_cache"):
-            found.setdefault(id(config), config)
-    return list(found.values())
+def _cache_carriers(model: nn.Module) -> list[nn.Module]:
+    """``model`` and its submodules whose config carries ``use_cache`` (they build a KV cache by default)."""
+    return [module for module in model.modules() if hasattr(getattr(module, "config", None), "use_cache")]
+
+
+def _no_cache_by_default(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: ``use_cache=False`` unless the caller chose, in calls that checkpoint ``module``."""
+    if id(module) not in _CHECKPOINTED.get() or kwargs.get("use_cache") is not None:
+        return None
+    if "use_cache" not in inspect.signature(module.forward).parameters:
+        return None
+    return args, {**kwargs, "use_cache": False}
+
+
+def _install(model: nn.Module) -> Callable[[], None]:
+    """Checkpointing forwards on the blocks and the no-cache hooks, inert outside :func:`checkpoint_layers`."""
+    blocks = list(transformer_blocks(model))
+    foreign = [block for block in blocks if "forward" in block.__dict__]
+    if foreign:
+        raise RuntimeError(f"{type(foreign[0]).__name__}.forward is already patched; cannot checkpoint it")
+    for block in blocks:
+        block.forward = _checkpointed(block, block.forward)
+    handles = [m.register_forward_pre_hook(_no_cache_by_default, with_kwargs=True) for m in _cache_carriers(model)]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        for block in blocks:
+            del block.forward
+
+    return undo
 
 
 @contextlib.contextmanager
 def checkpoint_layers(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Recompute each transformer block in the backward instead of storing its activations.
 
-    For the block, the model's configs default to ``use_cache=False`` (a KV cache written in the forward
-    would be written again by the recomputation); calling the model with an explicit cache is an error.
+    In the block, the model is called with ``use_cache=False`` unless the caller passes it (a KV cache
+    written in the forward would be written again by the recomputation); calling the model with a
+    cache is an error. The patches are installed once per model (reference counted) and act only in
+    the calls made inside this block (a context variable), so concurrent and nested blocks, and plain
+    calls in other threads, are unaffected; the model's configs are never changed.
     """
     if not enabled:
         yield model
         return
-    blocks = list(transformer_blocks(model))
-    patched = []
-    configs = [(config, config.use_cache) for config in _configs(model)]
-    try:
-        for block in blocks:
-            if "forward" in block.__dict__:
-                raise RuntimeError(f"{type(block).__name__}.forward is already patched; cannot checkpoint it")
-            block.forward = _checkpointed(block.forward)
-            patched.append(block)
-        for config, _ in configs:
-            config.use_cache = False
-        yield model
-    finally:
-        for config, flag in configs:
-            config.use_cache = flag
-        for block in patched:
-            del block.forward
+    with shared_patch(model, "checkpoint_layers", lambda: _install(model)):
+        ids = {id(block) for block in transformer_blocks(model)} | {id(m) for m in _cache_carriers(model)}
+        token = _CHECKPOINTED.set(_CHECKPOINTED.get() | ids)
+        try:
+            yield model
+        finally:
+            _CHECKPOINTED.reset(token)

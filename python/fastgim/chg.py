@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgim import hf
+from fastgim import hf, validation
 from fastgim.params import no_parameter_grads
 from fastgim.settings import use_settings
 
@@ -449,6 +449,7 @@ class CHG:
             ``(batch, seq, vocab)`` without masks or with a single ``(L, H)`` mask,
             ``(batch, num_masks, seq, vocab)`` with several.
         """
+        self.check_inputs(input_ids, attention_mask)
         if masks is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         single = masks.dim() == 2
@@ -464,6 +465,14 @@ class CHG:
 
     __call__ = forward
 
+    def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """``(batch, seq)`` integer ids in the vocabulary and a 0/1 mask with a real token per row."""
+        ids = validation.token_ids(input_ids, validation.vocabulary_size(self.model))
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(ids.shape)}")
+        if attention_mask is not None:
+            validation.attention_mask(attention_mask, ids)
+
     def token_logp(self, masks: Tensor, input_ids: Tensor, loss_masks: Tensor) -> Tensor:
         """Log-probabilities of the target tokens, ``(num_masks, batch, seq)`` float32, 0 off-target.
 
@@ -473,6 +482,7 @@ class CHG:
         self._check_gates(masks, allow_batch=True)
         if masks.dim() == 2:
             masks = masks.unsqueeze(0)
+        self.check_inputs(input_ids)
         if input_ids.shape != loss_masks.shape:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_masks {tuple(loss_masks.shape)} differ")
         batch, seq = input_ids.shape
@@ -619,14 +629,19 @@ class CHGTrainer:
         if batch_size < 1 or gradient_accum_steps < 1:
             raise ValueError(f"batch_size and gradient_accum_steps must be >= 1, got {batch_size}, "
                              f"{gradient_accum_steps}")
-        if l1_clamp <= 0 or lr <= 0 or lr_reg <= 0:
-            raise ValueError("l1_clamp, lr and lr_reg must be > 0")
+        for name, value in (("l1_clamp", l1_clamp), ("lr", lr), ("lr_reg", lr_reg)):
+            validation.finite_number(value, name, positive=True)
+        for name, value in (("lr_end", lr_end), ("lr_reg_end", lr_reg_end), ("grad_norm", grad_norm)):
+            if value is not None:
+                validation.finite_number(value, name, non_negative=True)
+        validation.finite_number(l1_weight, "l1_weight", non_negative=True)
         if l1_reduction not in ("mean", "sum"):
             raise ValueError(f"l1_reduction must be 'mean' or 'sum', got {l1_reduction!r}")
         if nll_reduction not in ("mean", "sum"):
             raise ValueError(f"nll_reduction must be 'mean' or 'sum', got {nll_reduction!r}")
         self.l1_reduction, self.nll_reduction = l1_reduction, nll_reduction
         self.masked_model = CHG(model, adapter=adapter)
+        self.masked_model.check_inputs(dataset.input_ids)
         self.model = model
         self.dataset = dataset
         self.single_mask = num_masks is None

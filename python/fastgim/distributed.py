@@ -12,6 +12,7 @@ the parts into ``output`` ordered by prompt index, each prompt exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from fastgim import manifest, validation
 
 Record = dict[str, Any]
 
@@ -60,12 +63,42 @@ def _read_records(paths: Sequence[Path | str]) -> dict[int, Record]:
     records: dict[int, Record] = {}
     for path in paths:
         with open(path, encoding="utf-8") as handle:
-            for line in handle:
+            for number, line in enumerate(handle, start=1):
                 if not line.endswith("\n"):
                     break
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}:{number} is not a complete JSON record ({error}); the file was damaged. Delete "
+                        "that line (or the whole part file, to recompute its prompts) and run again"
+                    ) from error
                 records.setdefault(int(record["index"]), record)
     return records
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a writer killed mid-record), so appends start on a fresh line."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        end = size
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            handle.seek(start)
+            chunk = handle.read(end - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end != size:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _existing_parts(output: Path) -> list[str]:
@@ -78,6 +111,32 @@ def _append(path: Path, records: Sequence[Record]) -> None:
             handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _check_output(output: Path) -> Path:
+    """``output`` as a writable file path (its folder created); a directory is refused before any work."""
+    if output.is_dir():
+        raise ValueError(f"output {output} is a directory; pass a file path such as {output / 'attributions.jsonl'}")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise ValueError(f"the folder of output {output} is a file; pass a path inside a directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(output.parent, os.W_OK):
+        raise PermissionError(f"cannot write into {output.parent}; choose another output path")
+    return output
+
+
+def _check_explain_arguments(model: nn.Module, tokenizer: Any, explain_kwargs: dict[str, Any]) -> None:
+    """What the built-in worker would refuse, refused before any compute (settings, token ids, tokenizer)."""
+    from fastgim.settings import GIMSettings
+
+    validation.require_tokenizer(tokenizer, "attribute_dataset's texts")
+    fields = {field.name for field in dataclasses.fields(GIMSettings)}
+    GIMSettings(**{k: v for k, v in explain_kwargs.items() if k in fields and k != "freeze_norm"})
+    vocab = validation.vocabulary_size(model)
+    for name in ("baseline_token_id", "target_token_id", "contrast_token_id"):
+        value = explain_kwargs.get(name)
+        if value is not None:  # one id for every prompt
+            validation.token_id(value, vocab if vocab is not None else 2**63, name)
 
 
 def _explain_batch(
@@ -100,6 +159,8 @@ def _explain_batch(
     targets = explain_kwargs.pop("target_token_id", None)
     if targets is None:
         targets = logits.argmax(dim=-1)
+    else:
+        targets = validation.row_token_ids(targets, len(encoded), logits.shape[-1], "target_token_id", device)
     scores = explain(
         model, input_ids, attention_mask=attention_mask, tokenizer=tokenizer, target_token_id=targets,
         **explain_kwargs,
@@ -127,6 +188,7 @@ def attribute_dataset(
     batch_size: int = 8,
     progress: bool = False,
     explain_fn: Callable[..., list[Record]] | None = None,
+    method: str | None = None,
     **explain_kwargs: Any,
 ) -> list[Record]:
     """GIM attributions for ``texts``, data-parallel across ranks and resumable.
@@ -139,22 +201,37 @@ def attribute_dataset(
         batch_size: prompts per forward/backward; also the unit of work split between ranks.
         progress: show a tqdm bar on each rank.
         explain_fn: replaces the per-batch worker ``(model, tokenizer, texts, kwargs) -> records``.
+        method: the name of the attribution recorded in the manifest (default ``"explain"``, or the
+            qualified name of ``explain_fn``); give the same name for workers that compute the same records.
         **explain_kwargs: passed to :func:`fastgim.explain` (GIM settings, ``baseline_token_id``...).
 
     Returns:
         The records of all prompts in order (every rank returns the full list). Each record has
         ``index``, ``text``, ``input_ids``, ``tokens``, ``scores`` (one per token), ``target_token_id``
         and ``target_token``.
+
+    A manifest (``<output>.manifest.json``) records what the results are of: a hash of the texts, the
+    settings, the method, the model (name, config and a weights fingerprint), the tokenizer and the
+    fastgim version. A rerun resumes only when they match; otherwise it raises before any compute.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not texts:
-        raise ValueError("texts is empty: give at least one prompt")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    texts = validation.texts(texts)
+    output = _check_output(Path(output))
+    if explain_fn is None:
+        _check_explain_arguments(model, tokenizer, explain_kwargs)
     distributed = init_distributed()
     rank, world = rank_and_world()
     worker = explain_fn or _explain_batch
+    expected = manifest.describe_run(
+        model, tokenizer, texts, method or manifest.method_name(explain_fn), batch_size, explain_kwargs
+    )
+    if rank == 0:
+        manifest.claim(output, expected, _read_records(_existing_parts(output)))
+    if distributed:
+        dist.barrier()
+    manifest.check(output, expected)
+    _cut_torn_tail(_part_path(output, rank))
     done = set(_read_records(_existing_parts(output)))
     batches = [range(start, min(start + batch_size, len(texts))) for start in range(0, len(texts), batch_size)]
     mine = [batch for number, batch in enumerate(batches) if number % world == rank]

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim import validation
 from fastgim.attribution import (
     METHODS,
     _forward,
@@ -188,6 +189,9 @@ def evaluate(
     if not examples:
         raise ValueError("evaluate got no examples")
     kind = _single_kind(examples)
+    vocab = validation.vocabulary_size(model)
+    for example in examples:  # every input checked before any compute
+        prepare_inputs(example["inputs"], tokenizer, vocab=vocab)
     baseline = resolve_baseline(baseline_token_id, tokenizer, model)
     if baseline is None:
         raise ValueError("evaluation replaces tokens by a baseline token: pass baseline_token_id= or a tokenizer")
@@ -261,8 +265,9 @@ def _evaluate_example(
 ) -> list[dict[str, Any]] | str:
     """The rows of one example, or the reason it is skipped."""
     device = next(model.parameters()).device
-    with eval_mode(model):
-        prepared = prepare_inputs(example["inputs"], tokenizer, device=device)
+    with eval_mode(model):  # restored by the last concurrent user
+        prepared = prepare_inputs(example["inputs"], tokenizer, device=device,
+                                  vocab=validation.vocabulary_size(model))
         prepared, spec = build_target(model, prepared, example["target"], tokenizer=tokenizer,
                                       contrast=example["contrast"])
         eligible = torch.arange(1, prepared.prompt_length - 1)

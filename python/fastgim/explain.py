@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim import validation
 from fastgim.checkpointing import checkpoint_layers
 from fastgim.gim import GIM, is_hooked_transformer
 from fastgim.loading import check_input_length
@@ -41,67 +42,10 @@ from fastgim.tracing import position_ids_from_mask, target_positions
 TokenIds = int | Sequence[int] | torch.Tensor | None
 
 
-def _as_ids(input_ids: Any, vocab: int) -> torch.Tensor:
-    ids = torch.as_tensor(input_ids)
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
-    if ids.dim() not in (1, 2):
-        raise ValueError(f"input_ids must be [seq_len] or [batch, seq_len], got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)}); pass at least one token")
-    bad = (ids < 0) | (ids >= vocab)
-    if bad.any():
-        raise ValueError(
-            f"input_ids contains token id {int(ids[bad][0])} outside the model's vocabulary [0, {vocab}); "
-            "tokenize with the model's own tokenizer"
-        )
-    return ids.long()
-
-
-def _as_mask(attention_mask: Any, ids: torch.Tensor) -> torch.Tensor:
-    if attention_mask is None:
-        return torch.ones_like(ids, dtype=torch.bool)
-    mask = torch.as_tensor(attention_mask, device=ids.device)
-    if mask.dim() == 1 and ids.dim() == 2 and ids.shape[0] == 1:
-        mask = mask[None]
-    if tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(
-            f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {tuple(mask.shape)}; "
-            "pass the 2-D padding mask the tokenizer returns (1 = real token, 0 = padding)"
-        )
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
-    mask = mask.bool()
-    empty = (~mask.any(-1)).nonzero().flatten()
-    if empty.numel():
-        raise ValueError(f"attention_mask row {int(empty[0])} has no real token; every row needs at least one")
-    return mask
-
-
-def _per_row(value: TokenIds, batch: int, name: str, device: torch.device) -> torch.Tensor | None:
-    if value is None:
-        return None
-    t = torch.as_tensor(value, device=device)
-    if t.dim() == 0:
-        t = t.expand(batch)
-    if t.dim() != 1 or t.shape[0] != batch or t.is_floating_point():
-        raise ValueError(f"{name} must be an int or {batch} integer ids (one per row), got {value!r}")
-    return t.long()
-
-
-def _check_vocab_ids(t: torch.Tensor | None, vocab: int, name: str) -> None:
-    if t is not None and ((t < 0) | (t >= vocab)).any():
-        raise ValueError(f"{name} {t.tolist()} is outside the vocabulary [0, {vocab})")
-
-
 def resolve_baseline(baseline_token_id: int | None, tokenizer: Any, vocab: int) -> int:
     """The baseline token: explicit id, else the tokenizer's space token, else its pad, else its unk."""
     if baseline_token_id is not None:
-        if isinstance(baseline_token_id, bool) or not isinstance(baseline_token_id, int):
-            raise TypeError(f"baseline_token_id must be an int, got {baseline_token_id!r}")
-        if not 0 <= baseline_token_id < vocab:
-            raise ValueError(f"baseline_token_id {baseline_token_id} is outside the vocabulary [0, {vocab})")
-        return baseline_token_id
+        return validation.token_id(baseline_token_id, vocab, "baseline_token_id")
     if tokenizer is None:
         raise ValueError("explain needs a baseline: pass baseline_token_id=<id> or tokenizer=<the model's tokenizer>")
     candidates = []
@@ -140,10 +84,10 @@ def _scores(
         )
     picked = logits[rows, positions].float()  # [batch, vocab]
     ids = picked.argmax(-1) if target_ids is None else target_ids
-    _check_vocab_ids(ids, picked.shape[-1], "target_token_id")
+    validation.check_vocabulary(ids, picked.shape[-1], "target_token_id")
     scores = picked[rows, ids]
     if contrast is not None:
-        _check_vocab_ids(contrast, picked.shape[-1], "contrast_token_id")
+        validation.check_vocabulary(contrast, picked.shape[-1], "contrast_token_id")
         scores = scores - picked[rows, contrast]
     return scores
 
@@ -259,13 +203,13 @@ def explain(
         model: a Hugging Face model or any ``nn.Module`` (see :class:`fastgim.GIM` for what is served). A
             model whose forward has no ``inputs_embeds`` is called as ``model(input_ids[, attention_mask=])``
             with the token embedding module's output replaced by the embeddings the gradient is taken at.
-        input_ids: ``[seq]`` or ``[batch, seq]`` integer token ids.
+        input_ids: ``[seq]`` or ``[batch, seq]`` integer token ids, or a text when ``tokenizer`` is given.
         target_token_id: token whose logit is explained: an int, or ``[batch]`` ids (one per row);
             default each row's argmax prediction at the target position.
         target_position: position of the logit, counted over each row's real (unpadded) tokens;
             -1 (default) is the last real token.
         baseline_token_id: counterfactual token; default the tokenizer's space token, else pad, else unk.
-        tokenizer: used only to find the baseline token.
+        tokenizer: tokenizes a text input and finds the default baseline token.
         attention_mask: ``[batch, seq]`` (or ``[seq]``) 1 / 0 padding mask; left or right padding.
         contrast_token_id: if given (int or ``[batch]``), the score is ``logit(target) - logit(contrast)``.
         freeze_norm, softmax_temperature, q_scale, k_scale, v_scale, gate_scale, up_scale: the GIM rules
@@ -282,6 +226,11 @@ def explain(
 
     Returns:
         float32 attributions, ``[seq]`` for 1-D or batch-1 input, else ``[batch, seq]``; padded positions are 0.
+
+    Raises:
+        TypeError / ValueError: for inputs :mod:`fastgim.validation` refuses (before any compute).
+        FloatingPointError: when the attribution is not finite, naming the likely cause (NaN weights, fp16
+            overflow, ...). The model is unchanged after any error; concurrent calls on one model are safe.
     """
     if is_hooked_transformer(model):
         return _explain_tlens(
@@ -293,17 +242,20 @@ def explain(
         )
     embeddings = input_embeddings(model, embeddings)
     vocab = embeddings.num_embeddings
-    squeeze = torch.as_tensor(input_ids).dim() == 1
+    if isinstance(input_ids, str) and tokenizer is not None:
+        encoded = tokenizer(input_ids, return_tensors="pt")
+        input_ids, attention_mask = encoded["input_ids"], encoded.get("attention_mask", attention_mask)
     device = embeddings.weight.device
-    ids = _as_ids(input_ids, vocab).to(device)
+    ids = validation.token_ids(input_ids, vocab).to(device)
     check_input_length(model, ids.shape[-1])
+    squeeze = ids.dim() == 1
     ids = ids[None] if ids.dim() == 1 else ids
-    mask = _as_mask(attention_mask, ids)
+    mask = validation.attention_mask(attention_mask, ids)
     batch = ids.shape[0]
     rows = torch.arange(batch, device=device)
     positions = target_positions(mask, target_position)
-    target_ids = _per_row(target_token_id, batch, "target_token_id", device)
-    contrast = _per_row(contrast_token_id, batch, "contrast_token_id", device)
+    target_ids = validation.row_token_ids(target_token_id, batch, vocab, "target_token_id", device)
+    contrast = validation.row_token_ids(contrast_token_id, batch, vocab, "contrast_token_id", device)
     if target is not None and not callable(target):
         raise TypeError(f"target must be a callable(outputs) -> [batch] scores, got {type(target).__name__}")
     baseline = resolve_baseline(baseline_token_id, tokenizer, vocab)
@@ -336,7 +288,7 @@ def explain(
             scores = _scores(outputs, target, rows, logit_positions, target_ids, contrast, vocab)
             (grad,) = torch.autograd.grad(scores.sum(), emb)
     attribution = (grad.float() * (emb.detach().float() - base.float())).sum(-1)
-    attribution = attribution.masked_fill(~mask, 0.0)
+    attribution = validation.finite_result(attribution.masked_fill(~mask, 0.0), model, head_mask=head_mask)
     return attribution[0] if squeeze or batch == 1 else attribution
 
 

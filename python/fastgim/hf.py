@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from fastgim import validation
+from fastgim.model_patches import shared_patch
 from fastgim.ops.attention import attention
 from fastgim.pruning import LAST_QUERY_ONLY
+from fastgim.settings import current_settings
 
 IMPLEMENTATION = "gim_fused"
 
@@ -39,13 +42,16 @@ def head_gates(gates: torch.Tensor | None) -> Iterator[torch.Tensor | None]:
 
     Args:
         gates: ``(num_layers, num_heads)`` (shared by the batch) or ``(batch, num_layers, num_heads)``,
-            any float dtype; may require grad (the gate gradient flows back through the op).
+            any float dtype, every value in ``[0, 1]`` (checked); may require grad (the gate gradient flows
+            back through the op).
             ``None`` disables gating.
     """
     if gates is not None and gates.dim() not in (2, 3):
         raise ValueError(
             f"head gates must be (num_layers, num_heads) or (batch, num_layers, num_heads), got {tuple(gates.shape)}"
         )
+    if gates is not None:
+        validation.gates(gates)
     token = _HEAD_GATES.set(gates)
     try:
         yield gates
@@ -89,6 +95,13 @@ def gim_fused_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q ``(B, Hq, S, D)``, k/v ``(B, Hkv, S_kv, D)`` -> ``(B, S, Hq, D)``."""
+    if _plain_sdpa_call(module):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+            sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )
     if dropout:
         raise ValueError(
             f"gim_fused attention has no attention dropout (got p={dropout}): call model.eval() or set the "
@@ -179,16 +192,49 @@ def _current_implementation(model: nn.Module) -> str | dict | None:
     return config._attn_implementation
 
 
-@contextlib.contextmanager
-def use_gim_fused(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch ``model`` to ``gim_fused`` attention for the block; restore the previous one after."""
-    check_supported(model)
+#: ``id`` of each config that fastgim switched from ``sdpa`` to ``gim_fused`` (while switched).
+_SWITCHED_FROM_SDPA: set[int] = set()
+
+
+def _switch_to_gim_fused(model: nn.Module) -> Callable[[], None]:
+    """Set ``gim_fused`` attention; returns the undo (nothing to undo when the model is on it already)."""
     previous = _current_implementation(model)
     if previous == IMPLEMENTATION or (isinstance(previous, dict) and set(previous.values()) == {IMPLEMENTATION}):
-        yield model
-        return
+        return lambda: None
+    configs = {id(m.config) for m in model.modules() if getattr(m, "config", None) is not None}
     model.set_attn_implementation(IMPLEMENTATION)
-    try:
-        yield model
-    finally:
+    if previous == "sdpa":
+        _SWITCHED_FROM_SDPA.update(configs)
+
+    def undo() -> None:
+        _SWITCHED_FROM_SDPA.difference_update(configs)
         model.set_attn_implementation(previous)
+
+    return undo
+
+
+def _plain_sdpa_call(module: nn.Module) -> bool:
+    """True for a call that neither GIM, gates nor pruning touch, on a model fastgim switched from ``sdpa``.
+
+    Such calls (plain inference in another thread while a GIM call runs) take the model's own ``sdpa``
+    path, so their outputs are bit for bit what they would be without fastgim.
+    """
+    return (
+        id(getattr(module, "config", None)) in _SWITCHED_FROM_SDPA
+        and current_settings() is None
+        and _HEAD_GATES.get() is None
+        and id(module) not in LAST_QUERY_ONLY.get()
+    )
+
+
+@contextlib.contextmanager
+def use_gim_fused(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch ``model`` to ``gim_fused`` attention for the block; restore the previous one after.
+
+    Concurrent and nested blocks (GIM, CHG, in any threads) share one switch: the first switches, the
+    last to leave restores (:func:`fastgim.model_patches.shared_patch`), so no block sees the model
+    switched back under it.
+    """
+    check_supported(model)
+    with shared_patch(model, "gim_fused_attention", lambda: _switch_to_gim_fused(model)):
+        yield model

@@ -37,14 +37,16 @@ class NormSpec:
     """How a norm class computes its output.
 
     ``kind`` is ``"rms"`` or ``"layer"``; ``cast`` is the op's casting order (RMS: ``"llama"``,
-    ``"gemma"``, ``"olmo2"``; LayerNorm: ``"torch"``, ``"fp32"``, ``"cohere"``); ``weight_offset`` applies
-    to RMS norms; ``eps_attr`` names the module attribute holding epsilon.
+    ``"gemma"``, ``"olmo2"``; LayerNorm: ``"torch"``, ``"fp32"``, ``"cohere"``); ``weight_offset`` is
+    added to the weight (``1 + w`` norms; for LayerNorm in the weight's dtype, as ``self.weight + 1``);
+    ``eps_attr`` names the module attribute holding epsilon, or ``eps_value`` gives a hard-coded one.
     """
 
     kind: str
     cast: str = "llama"
     weight_offset: float = 0.0
     eps_attr: str = "eps"
+    eps_value: float | None = None
 
 
 _LLAMA = NormSpec("rms", "llama", 0.0, "variance_epsilon")
@@ -67,7 +69,7 @@ KNOWN_NORMS: dict[str, NormSpec] = {
     "LayerNorm": _LAYER,
 }
 
-_PROBE_CACHE: dict[type, NormSpec | None] = {}
+_PROBE_CACHE: dict[tuple[type, torch.dtype], NormSpec | None] = {}
 _PROBE_LOCK = threading.Lock()
 
 
@@ -78,6 +80,8 @@ def _norm_ops():
 
 
 def _eps(module: nn.Module, spec: NormSpec) -> float:
+    if spec.eps_value is not None:
+        return spec.eps_value
     eps = getattr(module, spec.eps_attr)
     if eps is None:  # torch.nn.RMSNorm(eps=None) uses the dtype's machine epsilon
         return float(torch.finfo(module.weight.dtype).eps)
@@ -93,6 +97,8 @@ def _apply(
     eps = _eps(module, spec)
     if spec.kind == "layer":
         bias = getattr(module, "bias", None)
+        if spec.weight_offset:
+            weight = weight + spec.weight_offset
         return ops.layer_norm(x, weight, bias, eps, cast=spec.cast, frozen=frozen, backend=backend)
     return ops.rms_norm(x, weight, eps, weight_offset=spec.weight_offset, cast=spec.cast, frozen=frozen,
                         backend=backend)
@@ -106,19 +112,39 @@ def is_norm_candidate(module: nn.Module) -> bool:
     return name.endswith("Norm") and "Group" not in name and "Batch" not in name
 
 
+#: Epsilons tried for norms that keep theirs in the code, not in an attribute (OLMo's ``eps=1e-5``).
+HARD_CODED_EPS = (1e-5, 1e-6, 1e-12, 1e-8)
+
+
+def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    return type(module).forward is not base.forward
+
+
+def _eps_choices(module: nn.Module) -> list[tuple[str, float | None]]:
+    attrs = [(a, None) for a in ("variance_epsilon", "eps", "epsilon") if isinstance(getattr(module, a, None), float)]
+    return attrs or [("", value) for value in HARD_CODED_EPS]
+
+
 def _candidate_specs(module: nn.Module) -> list[NormSpec]:
-    known = KNOWN_NORMS.get(type(module).__name__)
-    if isinstance(module, nn.LayerNorm):
+    """Specs to probe, most likely first: torch's own classes, the registry, then every variant.
+
+    Subclasses of ``nn.LayerNorm`` / ``nn.RMSNorm`` that override ``forward`` (an fp32 LayerNorm, ``weight + 1``)
+    are probed against every variant, like classes recognised by name.
+    """
+    if isinstance(module, nn.LayerNorm) and not _own_forward(module, nn.LayerNorm):
         return [_LAYER]
-    if isinstance(module, nn.RMSNorm):  # multiplies the weight in fp32, like OLMo2
+    if isinstance(module, nn.RMSNorm) and not _own_forward(module, nn.RMSNorm):  # weight in fp32, like OLMo2
         return [NormSpec("rms", "olmo2", 0.0, "eps")]
+    known = KNOWN_NORMS.get(type(module).__name__)
     specs = [known] if known is not None else []
-    eps_attrs = [a for a in ("variance_epsilon", "eps", "epsilon") if isinstance(getattr(module, a, None), float)]
-    if "LayerNorm" in type(module).__name__ or "RMS" not in type(module).__name__:
-        specs += [NormSpec("layer", cast, eps_attr=a) for cast in _LAYER_CASTS for a in eps_attrs]
-    for cast in _RMS_CASTS:
-        for offset in (0.0, 1.0):
-            specs += [NormSpec("rms", cast, offset, a) for a in eps_attrs]
+    offsets = (0.0, 1.0) if isinstance(getattr(module, "weight", None), torch.Tensor) else (0.0,)
+    eps_choices = _eps_choices(module)
+    name = type(module).__name__
+    if "LayerNorm" in name or "RMS" not in name or isinstance(module, nn.LayerNorm):
+        specs += [NormSpec("layer", cast, offset, attr, value)
+                  for cast in _LAYER_CASTS for offset in offsets for attr, value in eps_choices]
+    specs += [NormSpec("rms", cast, offset, attr, value)
+              for cast in _RMS_CASTS for offset in offsets for attr, value in eps_choices]
     return list(dict.fromkeys(specs))
 
 
@@ -138,8 +164,9 @@ def _agrees(module: nn.Module, spec: NormSpec, dtypes: tuple[torch.dtype, ...]) 
     forward = type(module).forward
     device = next(module.parameters(), torch.empty(0)).device
     compared = 0
-    for dtype in dtypes:
-        x = (torch.randn(3, hidden, generator=generator) * 3 + 0.5).to(device, dtype)
+    # Large inputs, and small ones whose variance is near eps (so that a wrong eps shows).
+    for dtype, scale in ((dtype, scale) for dtype in dtypes for scale in (3.0, 1e-3)):
+        x = (torch.randn(3, hidden, generator=generator) * scale + scale / 6).to(device, dtype)
         with torch.no_grad():
             try:
                 expected = forward(module, x)
@@ -161,15 +188,16 @@ def _agrees(module: nn.Module, spec: NormSpec, dtypes: tuple[torch.dtype, ...]) 
 def norm_spec(module: nn.Module) -> NormSpec:
     """The spec reproducing ``module``'s forward bit for bit; ``TypeError`` naming the class if none does."""
     cls = type(module)
+    weight = getattr(module, "weight", None)
+    first = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+    key = (cls, first)  # a class may cast differently with fp32 and with bf16 weights: probe each
     with _PROBE_LOCK:
-        if cls in _PROBE_CACHE:
-            spec = _PROBE_CACHE[cls]
+        if key in _PROBE_CACHE:
+            spec = _PROBE_CACHE[key]
         else:
-            weight = getattr(module, "weight", None)
-            first = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
             dtypes = tuple(dict.fromkeys((first, torch.bfloat16)))
             spec = next((s for s in _candidate_specs(module) if _agrees(module, s, dtypes)), None)
-            _PROBE_CACHE[cls] = spec
+            _PROBE_CACHE[key] = spec
     if spec is None:
         raise TypeError(
             f"GIM cannot freeze the norm class {cls.__module__}.{cls.__name__}: it is not a known norm and no "

@@ -7,19 +7,41 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from fastgim.model_patches import Undo, shared_patch
+
+
+def _switch_off(model: nn.Module) -> Undo:
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+
+    def restore() -> None:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return restore
+
 
 @contextlib.contextmanager
 def no_parameter_grads(model: nn.Module) -> Iterator[None]:
     """``requires_grad`` off for every parameter of ``model`` in the block; each flag restored after, errors included.
 
     Attribution needs gradients for activations only; skipping the weight gradients saves their
-    matmuls and memory.
+    matmuls and memory. Concurrent and nested blocks on one model share one switch: the first
+    saves the flags, the last one to leave restores them (:func:`fastgim.model_patches.shared_patch`).
     """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
+    with shared_patch(model, "no_parameter_grads", lambda: _switch_off(model)):
         yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+
+
+def _switch_to_eval(model: nn.Module) -> Undo:
+    was_training = model.training
+    model.eval()
+    return lambda: model.train(was_training)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, the previous mode restored by the last concurrent user."""
+    with shared_patch(model, "eval_mode", lambda: _switch_to_eval(model)):
+        yield

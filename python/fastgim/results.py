@@ -39,6 +39,7 @@ METHOD_NAMES = {
     "occlusion": "Occlusion",
     "random": "Random scores (control)",
 }
+LEVELS = ("token", "word", "sentence")
 _TENSOR_FIELDS = ("scores", "target_scores")
 _SENTENCE_END = re.compile(r"[.!?]['\")\]]*\s*$|\n\s*$")
 
@@ -80,6 +81,8 @@ class Attribution:
             raise ValueError(f"target_scores must be [n_target, {n}], got {tuple(self.target_scores.shape)}")
         if self.prompt_length is None:
             self.prompt_length = n
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -179,7 +182,7 @@ class Attribution:
         version = meta.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"{json_path} has format version {version!r}; this fastgim reads {FORMAT_VERSION}")
-        tensors = load_file(str(json_path.parent / meta.pop("tensors")))
+        tensors = load_file(str(_tensor_file(json_path, meta.pop("tensors", None))))
         return cls(**meta, scores=tensors["scores"], target_scores=tensors.get("target_scores"))
 
     @classmethod
@@ -227,6 +230,16 @@ class Attribution:
         ``[-max|score|, +max|score|]``. :func:`heatmap_figure` returns the figure instead.
         """
         return plot_heatmap(self, Path(path), dpi=dpi, tokens_per_row=tokens_per_row)
+
+
+def _tensor_file(json_path: Path, name: Any) -> Path:
+    """The tensors file a saved JSON names: a plain file name in the JSON's own folder, nothing else."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(
+            f"{json_path} names its tensors file as {name!r}; it must be a file name in the same folder "
+            "(as Attribution.save writes it), not a path"
+        )
+    return json_path.parent / name
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -321,13 +334,15 @@ def rich_renderables(attr: Attribution, *, top_k: int | None = SHOW_TOP_K,
     title = f"{attr.level} attributions"
     if len(table_positions) < len(text_positions):
         title = f"top {len(table_positions)} of {len(text_positions)} {attr.level}s by |score|"
-    table = Table(title=title, show_lines=False)
+    # Strings go in as Text, never as markup: a token such as "[/]" or "[bold red]" is shown as written.
+    table = Table(title=Text(title), show_lines=False)
     table.add_column("#", justify="right")
-    table.add_column(attr.level)
+    table.add_column(Text(attr.level))
     table.add_column("score", justify="right")
     for i in table_positions:
         r, g, b = colour(scores[i], scale)
-        table.add_row(str(i), repr(attr.pieces[i]), Text(f"{scores[i]:+.4g}", style=f"black on rgb({r},{g},{b})"))
+        table.add_row(str(i), Text(repr(attr.pieces[i])),
+                      Text(f"{scores[i]:+.4g}", style=f"black on rgb({r},{g},{b})"))
     return [Text("\n".join(_describe(attr)), style="bold"), text, table]
 
 
@@ -378,7 +393,7 @@ def html_page(attr: Attribution, *, title: str | None = None) -> str:
         f"<tr><td>{i}</td><td>{escape(repr(p))}</td><td>{v:+.6g}</td></tr>"
         for i, (p, v) in enumerate(zip(attr.pieces, attr.scores.tolist()))
     )
-    body.append(f"<table><tr><th>#</th><th>{attr.level}</th><th>score</th></tr>{rows}</table>")
+    body.append(f"<table><tr><th>#</th><th>{html.escape(attr.level)}</th><th>score</th></tr>{rows}</table>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title or 'fastgim attribution')}</title><style>{_CSS}</style></head>"

@@ -13,6 +13,8 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator
 
+from fastgim.validation import finite_number
+
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_Q_SCALE = 0.25
 DEFAULT_K_SCALE = 0.25
@@ -55,12 +57,12 @@ class GIMSettings:
     up_scale: float | None = DEFAULT_UP_SCALE
 
     def __post_init__(self) -> None:
-        if self.softmax_temperature is not None and not self.softmax_temperature > 0:
-            raise ValueError(f"softmax_temperature must be > 0 or None, got {self.softmax_temperature!r}")
+        if self.softmax_temperature is not None:
+            finite_number(self.softmax_temperature, "softmax_temperature", positive=True)
         for name in ("q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+            if value is not None:
+                finite_number(value, name)
 
     @classmethod
     def off(cls) -> GIMSettings:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgim import validation
 from fastgim.adapters import ModelAdapter, get_adapter
 from fastgim.scoring import gather_token_scores, logits_to_log_probs, select_final_token
 from fastgim.sites import DEFAULT_SITES, SITE_SPECS, canonical_site
@@ -47,15 +48,9 @@ def target_positions(mask: torch.Tensor, target_position: int = -1) -> torch.Ten
 
     -1 is each row's last real token; works for left and right padding.
     """
-    if isinstance(target_position, bool) or not isinstance(target_position, int):
-        raise TypeError(f"target_position must be an int, got {type(target_position).__name__}")
     lengths = mask.sum(-1)
     shortest = int(lengths.min())
-    if not -shortest <= target_position < shortest:
-        raise ValueError(
-            f"target_position {target_position} is out of range for a sequence of {shortest} real tokens; "
-            f"use a value in [{-shortest}, {shortest - 1}] (-1 = the last token)"
-        )
+    target_position = validation.position(target_position, shortest, unit="real tokens")
     wanted = lengths + target_position if target_position < 0 else torch.full_like(lengths, target_position)
     order = torch.cumsum(mask.long(), -1) - 1
     return (mask & (order == wanted[:, None])).float().argmax(-1)
@@ -330,13 +325,14 @@ class TransformerTracer:
             raise TypeError(
                 f"texts must be a str, a list of str, a tensor of token ids or an encoding, got {type(texts).__name__}"
             )
+        ids = validation.token_ids(ids, validation.vocabulary_size(self.model))
         ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
         return ids.to(self.device), None if mask is None else self._check_mask(mask, ids)
 
-    def _check_mask(self, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _check_mask(self, mask: Any, ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.as_tensor(mask)
         mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+        validation.attention_mask(mask, ids)
         return mask.to(self.device)
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ def main() -> None:
         return _explain_batch(*worker_args)
 
     fastgim.attribute_dataset(model, tokenizer, texts, args.output, batch_size=args.batch_size,
-                              explain_fn=slow_worker if args.delay else None)
+                              explain_fn=slow_worker if args.delay else None, method="explain")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             contrast=args.contrast, generate=args.generate > 0, max_new_tokens=max(args.generate, 1),
             n_steps=args.n_steps, progress=False if args.no_progress else None,
         )
-    except ValueError as error:
+    except (ValueError, TypeError, FloatingPointError) as error:  # fastgim.validation's input errors
         print(f"fastgim explain: {error}", file=sys.stderr)
         return 2
     if args.level == "word":
