@@ -42,6 +42,8 @@ from collections.abc import Iterator
 
 import torch
 
+from fastgim.ops import attention_cpu
+
 STATS_IN_FORWARD = False
 #: Target size in bytes of one score-sized temporary (all batches and heads of a block of rows).
 BLOCK_BUDGET_BYTES = 4 * 2**20
@@ -446,6 +448,11 @@ def backward(
         ``(dq, dk, dv, dgate)`` shaped and typed like ``q``, ``k``, ``v`` and ``gate`` (float32
         accumulation, float64 for float64); ``dgate`` is None when ``gate`` is None.
     """
+    if attention_cpu.serves(q, k, attention_mask, causal, sliding_window, softcap, temperature):
+        return attention_cpu.backward(
+            dout, q, k, v, lse, gate, causal=causal, scale=scale, temperature=temperature, q_scale=q_scale,
+            k_scale=k_scale, v_scale=v_scale, block_rows=_kernel_block_rows(k.shape[2], q.dtype),
+        )
     dtype = _compute_dtype(q.dtype)
     plan = _make_plan(q, k, causal, sliding_window, dtype)
     group, hkv = plan.group, plan.hkv
@@ -531,6 +538,12 @@ def backward(
         _kv_grad(dv_t, v_scale, v),
         dgate,
     )
+
+
+def _kernel_block_rows(lk: int, dtype: torch.dtype) -> int:
+    """Query rows per block of the C++ kernel: its two per-head ``(rows, Lk)`` tiles within the budget."""
+    per_row = 2 * lk * torch.finfo(_compute_dtype(dtype)).bits // 8
+    return max(MIN_BLOCK_ROWS, BLOCK_BUDGET_BYTES // per_row)
 
 
 def _kv_grad(grad_t: torch.Tensor, grad_scale: float, like: torch.Tensor) -> torch.Tensor:
