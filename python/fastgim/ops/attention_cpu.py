@@ -1,8 +1,9 @@
 """Optional C++ kernel for the GIM attention backward on CPU (``csrc/cpu/gim_attention.cpp``).
 
 The ``torch`` backend calls :func:`backward` instead of its blockwise PyTorch backward when
-:func:`serves` says the kernel handles the problem: CPU tensors (float32 / float64; float16 and
-bfloat16 are computed in float32), no attention mask, no sliding window, no softcap, and causal only
+:func:`serves` says the kernel handles the problem: CPU tensors (float32 / float64; bfloat16 with
+bfloat16 GEMMs accumulating in float32 and float32 softmax arithmetic; float16 computed in float32),
+no attention mask, no sliding window, no softcap, and causal only
 with ``Lq <= Lk``. Everything else (and any machine where the kernel cannot be loaded) stays on the
 PyTorch path, which computes the same values.
 
@@ -93,7 +94,8 @@ def backward(
 
     ``lse`` must be the forward's (finite: every row sees a key); ``block_rows`` query rows per block.
     """
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # bfloat16 runs on bfloat16 x bfloat16 -> float32 GEMMs; float16 is computed in float32.
+    compute = q.dtype if q.dtype in (torch.float64, torch.bfloat16) else torch.float32
     dq, dk, dv, dgate = torch.ops.fastgim_cpu.gim_attention_backward(
         *(t.to(compute).contiguous() for t in (dout, q, k, v)), lse, gate, bool(causal), float(scale),
         float(temperature), float(q_scale), float(k_scale), float(v_scale), int(min(block_rows, MAX_BLOCK_ROWS)),
