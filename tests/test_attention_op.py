@@ -13,7 +13,7 @@ import torch
 from conftest import make_qkv, max_error
 
 import fastgim
-from fastgim.ops import attention_reference, attention_sdpa, attention_torch
+from fastgim.ops import attention_cpu, attention_reference, attention_sdpa, attention_torch
 from fastgim.settings import AttentionGIM, GIMSettings, use_settings
 
 F64 = torch.float64
@@ -144,7 +144,11 @@ def without_softcap(case: Case, backend: str) -> Case:
 @pytest.mark.parametrize("backend", ["torch", "sdpa"])
 @pytest.mark.parametrize("gim", list(GIMS), ids=list(GIMS))
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_backend_matches_reference(case: str, gim: str, backend: str, small_blocks: None) -> None:
+def test_backend_matches_reference(
+    case: str, gim: str, backend: str, small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch: the PyTorch path (the C++ CPU kernel off; :func:`test_cpu_kernel_matches_reference` covers it)."""
+    monkeypatch.setattr(attention_cpu, "ENABLED", False)
     spec = CASES[case]
     if backend == "sdpa" and spec.softcap is not None:
         q, k, v, gate, options = make_inputs(spec)
@@ -161,6 +165,91 @@ def test_backend_matches_reference(case: str, gim: str, backend: str, small_bloc
         assert torch.isfinite(a).all() or name == "lse", f"{name} has NaN/inf"
         tol = 2e-6 if name == "lse" else 1e-11  # the LSE is float32 by contract
         assert max_error(a, e) <= tol * (1 + e.abs().nan_to_num(posinf=0, neginf=0).max()), name
+
+
+def _kernel_serves(case: Case) -> bool:
+    return case.mask is None and case.window is None and case.softcap is None and not (
+        case.causal and case.lq > case.lk)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the C++ CPU kernel's backward calls; skips where the kernel cannot be loaded here."""
+    if not attention_cpu.available():
+        pytest.skip(f"no C++ CPU attention kernel here: {attention_cpu.kernel_status()}")
+    calls = [0]
+    original = attention_cpu.backward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_cpu, "backward", counted)
+    return calls
+
+
+#: Every case the kernel serves, and some it must leave to the PyTorch path (mask, window, softcap, Lq > Lk).
+KERNEL_CASES = ["causal", "bidirectional", "gqa4", "gqa8_bidirectional", "mqa", "mha", "gate", "kv_cache", "decode",
+                "single", "odd_97", "dim80_dv48", "transposed", "window_causal", "softcap", "lq_gt_lk"]
+
+
+@pytest.mark.parametrize("gim", list(GIMS), ids=list(GIMS))
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_cpu_kernel_matches_reference(case: str, gim: str, small_blocks: None, kernel_calls: list[int]) -> None:
+    """The torch backend with its C++ CPU backward (float64) against the reference; the kernel runs for
+    exactly the problems it serves (no mask, window or softcap) and the PyTorch path takes the rest."""
+    q, k, v, gate, options = make_inputs(CASES[case])
+    dout = torch.randn(q.shape[:-1] + v.shape[-1:], dtype=F64)
+    expected = run_op(q, k, v, gate, options, GIMS[gim], "reference", dout)
+    actual = run_op(q, k, v, gate, options, GIMS[gim], "torch", dout)
+    assert kernel_calls[0] == int(_kernel_serves(CASES[case]))
+    for name, a, e in zip(["out", "lse", "dq", "dk", "dv", "dgate"], actual, expected):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        tol = 2e-6 if name == "lse" else 1e-11
+        assert max_error(a, e) <= tol * (1 + e.abs().nan_to_num(posinf=0, neginf=0).max()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+def test_cpu_kernel_agrees_with_torch_path(dtype: torch.dtype, temperature: float, kernel_calls: list[int],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel and PyTorch path agree in float32 / bfloat16 at a size with several default-sized blocks."""
+    q, k, v = make_qkv(1, 6, 2, 130, 130, 32, dtype=dtype, requires_grad=True)
+    gate = (torch.rand(1, 6) + 0.5).to(dtype).requires_grad_()
+    dout = torch.randn(1, 6, 130, 32, dtype=dtype)
+    rules = AttentionGIM(temperature=temperature, q_scale=0.5, k_scale=0.25, v_scale=2.0)
+    options = dict(causal=True, attention_mask=None, sliding_window=None, softcap=None, gate=gate)
+    monkeypatch.setattr(attention_torch, "BLOCK_BUDGET_BYTES", 130 * 4 * 2 * 30)  # 30-row blocks
+    kernel = run_op(q, k, v, gate, options, rules, "torch", dout)
+    assert kernel_calls[0] == 1
+    monkeypatch.setattr(attention_cpu, "ENABLED", False)
+    plain_path = run_op(q, k, v, gate, options, rules, "torch", dout)
+    assert kernel_calls[0] == 1
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    for a, e in zip(kernel[2:], plain_path[2:]):
+        assert max_error(a, e) <= tol * (1 + float(e.abs().max()))
+
+
+def test_cpu_kernel_status_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by flag, or failing to load: the status says why and the PyTorch path computes the backward."""
+    monkeypatch.setattr(attention_cpu, "ENABLED", False)
+    assert attention_cpu.kernel_status() == "torch (FASTGIM_CPU_KERNEL=0)"
+    monkeypatch.setattr(attention_cpu, "ENABLED", True)
+    monkeypatch.setattr(attention_cpu, "_STATUS", [])
+
+    def no_compiler() -> str:
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(attention_cpu, "_load", no_compiler)
+    assert attention_cpu.kernel_status().startswith("torch (CPU kernel unavailable: OSError: no C++ compiler")
+    assert not attention_cpu.available()
+    q, k, v = make_qkv(1, 2, 1, 9, 9, 8, dtype=F64, requires_grad=True)
+    dout = torch.randn_like(q)
+    options = dict(causal=True, attention_mask=None, sliding_window=None, softcap=None, gate=None)
+    actual = run_op(q, k, v, None, options, GIMSettings(), "torch", dout)
+    expected = run_op(q, k, v, None, options, GIMSettings(), "reference", dout)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 1000])

@@ -23,11 +23,13 @@ divides anything, and ``dgate = sum_rows rowsum(dP P)`` with the ungated ``dP`` 
 cheaper on CPU than ``exp(S - LSE)`` and exact in float64 although the LSE is stored in float32;
 for ``T = 2``, ``P = P_T^2 / rowsum(P_T^2)`` saves a second softmax (the row normalisation is
 folded into ``dO`` and ``dgate``). Without softcap, ``1 / T`` is folded into the queries that make
-the scores. For ``T = 2`` in float32 with no dead row, the backward skips the softmax altogether:
+the scores. On CPU, :mod:`fastgim.ops.attention_cpu` (a C++ kernel) takes the backward over when it
+serves the problem (no mask, window or softcap). For ``T = 2`` in float32 with no dead row, the backward skips the softmax altogether:
 ``E = exp((S - LSE) / 2)`` from the forward's LSE (as ``exp2``, with ``log2(e) / 2`` folded into the
 queries and ``-LSE`` added inside the score matmul) gives ``P = E^2`` exactly and ``P_T = E / rowsum(E)``,
 whose row factor is folded into the ``(rows, D)`` operands of ``dQ`` and ``dK``. The forward of the
-plain float32 case (no mask, window or softcap) is PyTorch's fused CPU flash-attention kernel.
+plain float32 / bfloat16 / float16 case (no mask, window or softcap) is PyTorch's fused CPU
+flash-attention kernel.
 Masks of every kind are applied
 as additive ``0 / -inf`` float tiles (bool kernels are slow on CPU). Score-sized temporaries live
 in a workspace reused by every block, capped by :data:`BLOCK_BUDGET_BYTES` (with at least
@@ -42,6 +44,8 @@ from collections.abc import Iterator
 
 import torch
 
+from fastgim.ops import attention_cpu
+
 STATS_IN_FORWARD = False
 #: Target size in bytes of one score-sized temporary (all batches and heads of a block of rows).
 BLOCK_BUDGET_BYTES = 4 * 2**20
@@ -52,6 +56,8 @@ MIN_BLOCK_ROWS = 16
 _MASKED_BLOCKS = 8
 
 _NEG_INF = float("-inf")
+#: Dtypes of the fused CPU flash-attention forward (it accumulates half inputs in float32).
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def is_available(device: torch.device) -> bool:
@@ -290,11 +296,11 @@ def _softmax_(scores: torch.Tensor, dead_rows: bool) -> torch.Tensor:
 
 
 def _fused_forward(q, k, v, attention_mask, gate, causal, scale, sliding_window, softcap):
-    """PyTorch's fused CPU flash-attention kernel for the plain float32 case, else None."""
+    """PyTorch's fused CPU flash-attention kernel for the plain float32 / bfloat16 / float16 case, else None."""
     batch, hq, lq, dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     if (
-        q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != q.dtype or v.dtype != q.dtype
+        q.device.type != "cpu" or q.dtype not in _FUSED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype
         or attention_mask is not None or sliding_window is not None or softcap is not None
         or v.shape[-1] != dim or (causal and lq != lk) or lq == 0 or lk == 0
     ):
@@ -446,6 +452,11 @@ def backward(
         ``(dq, dk, dv, dgate)`` shaped and typed like ``q``, ``k``, ``v`` and ``gate`` (float32
         accumulation, float64 for float64); ``dgate`` is None when ``gate`` is None.
     """
+    if attention_cpu.serves(q, k, attention_mask, causal, sliding_window, softcap, temperature):
+        return attention_cpu.backward(
+            dout, q, k, v, lse, gate, causal=causal, scale=scale, temperature=temperature, q_scale=q_scale,
+            k_scale=k_scale, v_scale=v_scale, block_rows=_kernel_block_rows(k.shape[2], q.dtype),
+        )
     dtype = _compute_dtype(q.dtype)
     plan = _make_plan(q, k, causal, sliding_window, dtype)
     group, hkv = plan.group, plan.hkv
@@ -533,6 +544,12 @@ def backward(
         _kv_grad(dv_t, v_scale, v),
         dgate,
     )
+
+
+def _kernel_block_rows(lk: int, dtype: torch.dtype) -> int:
+    """Query rows per block of the C++ kernel: its two per-head ``(rows, Lk)`` tiles within the budget."""
+    per_row = 2 * lk * torch.finfo(_compute_dtype(dtype)).bits // 8
+    return max(MIN_BLOCK_ROWS, BLOCK_BUDGET_BYTES // per_row)
 
 
 def _kv_grad(grad_t: torch.Tensor, grad_scale: float, like: torch.Tensor) -> torch.Tensor:
