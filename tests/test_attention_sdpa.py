@@ -314,3 +314,20 @@ def test_out_of_memory_is_not_a_kernel_failure(automatic_triton, monkeypatch) ->
     q, k, v, gate, options = _problem()
     with pytest.raises(torch.OutOfMemoryError):
         fastgim.attention(q, k, v, **options)
+
+
+def test_cuda_without_triton_runs_sdpa(monkeypatch) -> None:
+    """On CUDA without an importable Triton, automatic calls warn once and run sdpa (torch for softcap)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(attention_fallback, "_FAILURES", {})
+    monkeypatch.setattr(attention_fallback, "_triton_import_error", lambda: "ModuleNotFoundError: no triton")
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 4, 9, 64))
+    with pytest.warns(RuntimeWarning, match="no triton.*'sdpa' backend"):
+        assert attention_fallback.automatic("torch", q, q, None) == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attention_fallback.automatic("torch", q, q, None) == "sdpa"
+        assert attention_fallback.automatic("torch", q, q, 30.0) == "torch"  # softcap: sdpa cannot
+        cpu = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, shape=(1, 4, 9, 64))
+        assert attention_fallback.automatic("torch", cpu, cpu, None) == "torch"  # CPU default unchanged
