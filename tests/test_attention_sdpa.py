@@ -182,6 +182,25 @@ def test_cuda_wiring_matches_reference_with_emulated_kernels(case: str, kernels:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # the LSE the backward gets is float32
 
 
+def test_float32_mask_minimum_with_float16_inputs() -> None:
+    """A float32 mask holding finfo(float32).min (Hugging Face style) with float16 inputs: clamped into the
+    float16 range, masked keys still get no weight, and a row that is all "minimum" attends as
+    softmax(S + c) = softmax(S) (exact; it would be a 0 row if the mask overflowed to -inf)."""
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 16, dtype=torch.float16, requires_grad=True)
+    minimum = torch.finfo(torch.float32).min
+    mask = torch.zeros(1, 1, 8, 8).masked_fill(torch.rand(1, 1, 8, 8) > 0.5, minimum)
+    mask[..., 0] = 0.0
+    mask[..., 3, :] = minimum
+    out = fastgim.attention(q, k, v, causal=False, attention_mask=mask, gim=GIM, backend="sdpa")
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    exact_mask = mask.clone()
+    exact_mask[..., 3, :] = 0.0
+    want = fastgim.attention(*(t.float() for t in (q, k, v)), causal=False, attention_mask=exact_mask,
+                             backend="reference")
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+
+
 def test_kernel_choice_table() -> None:
     choose = attention_sdpa.choose_kernels
     assert choose("cpu", torch.bfloat16, 64, False) is attention_sdpa.CPU
@@ -295,3 +314,20 @@ def test_out_of_memory_is_not_a_kernel_failure(automatic_triton, monkeypatch) ->
     q, k, v, gate, options = _problem()
     with pytest.raises(torch.OutOfMemoryError):
         fastgim.attention(q, k, v, **options)
+
+
+def test_cuda_without_triton_runs_sdpa(monkeypatch) -> None:
+    """On CUDA without an importable Triton, automatic calls warn once and run sdpa (torch for softcap)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(attention_fallback, "_FAILURES", {})
+    monkeypatch.setattr(attention_fallback, "_triton_import_error", lambda: "ModuleNotFoundError: no triton")
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 4, 9, 64))
+    with pytest.warns(RuntimeWarning, match="no triton.*'sdpa' backend"):
+        assert attention_fallback.automatic("torch", q, q, None) == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attention_fallback.automatic("torch", q, q, None) == "sdpa"
+        assert attention_fallback.automatic("torch", q, q, 30.0) == "torch"  # softcap: sdpa cannot
+        cpu = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, shape=(1, 4, 9, 64))
+        assert attention_fallback.automatic("torch", cpu, cpu, None) == "torch"  # CPU default unchanged

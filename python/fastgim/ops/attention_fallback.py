@@ -69,15 +69,16 @@ def _warn(q: torch.Tensor, v: torch.Tensor, cause: str, target: str) -> None:
 
 def automatic(name: str, q: torch.Tensor, v: torch.Tensor, softcap: float | None) -> str:
     """The backend (chain) to run for ``name``, the backend :func:`resolve_backend` chose by itself."""
+    triton_missing = q.device.type == "cuda" and name == "torch"  # resolve_backend found no usable Triton
+    if name != "triton" and not triton_missing:
+        return name
     target = _fallback_target(q, softcap)
+    if _key(q, v) in _FAILURES:
+        return target
     if name == "triton":
-        return target if _key(q, v) in _FAILURES else f"triton{SEPARATOR}{target}"
-    if q.device.type == "cuda" and name == "torch":  # resolve_backend found no usable Triton
-        cause = _triton_import_error()
-        if cause is not None:
-            _warn(q, v, cause, target)
-            return target
-    return name
+        return f"triton{SEPARATOR}{target}"
+    _warn(q, v, _triton_import_error() or "Triton is not available", target)
+    return target
 
 
 def is_backend_failure(error: BaseException) -> bool:

@@ -24,8 +24,9 @@ changed between PyTorch versions, and flash serves the unmasked fast path.
 
 Masks. Causal masking goes to the kernel's ``is_causal`` only when ``Lq == Lk`` (the kernels align
 it top-left, the spec bottom-right); otherwise causality, the sliding window, key padding and 4D
-masks become one additive ``0 / -inf`` bias in q's dtype. Rows with no visible key are set to 0
-with LSE ``-inf`` (the kernels give 0 or NaN there), and get zero gradients.
+masks become one additive ``0 / -inf`` bias in q's dtype (finite float-mask values clamped into its
+range: a float32 ``finfo.min`` stays a huge negative for half inputs). Rows with no visible key are
+set to 0 with LSE ``-inf`` (the kernels give 0 or NaN there), and get zero gradients.
 
 Gates. :func:`fastgim.attention` multiplies the output by the gate outside the op for this
 backend (``GATE_IN_KERNEL = False``: the gate's gradient comes from autograd). Called directly
@@ -168,18 +169,23 @@ class Plan:
 
     kernels: Kernels
     bias: torch.Tensor | None  # additive, q's dtype, broadcastable to (B, Hq, Lq, Lk)
-    tempered_bias: torch.Tensor | None  # bias / T where a float mask makes that differ
+    finite_bias: bool  # the bias holds a float mask's finite values (so S / T divides them too)
+    temperature: float
     causal: bool  # passed to the kernel (Lq == Lk only)
     dead: torch.Tensor | None  # bool, broadcastable to (B, Hq, Lq): rows with no visible key
     head_dim: int  # q / k / v padded to this last size
+
+    def _bias(self, tempered: bool) -> torch.Tensor | None:
+        if tempered and self.finite_bias and self.temperature != 1.0:
+            return self.bias / self.temperature  # -inf stays -inf
+        return self.bias
 
     def attend(self, q, k, v, scale: float, tempered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq))``; dead rows 0 and -inf.
 
         The LSE is the kernel's: float32, or float64 for float64 inputs on CPU."""
         qp, kp, vp = self._operands(q, k, v)
-        bias = self.tempered_bias if tempered else self.bias
-        out, lse = self.kernels.forward(qp, kp, vp, bias, self.causal, scale)
+        out, lse = self.kernels.forward(qp, kp, vp, self._bias(tempered), self.causal, scale)
         out = out[..., : v.shape[-1]].contiguous()  # the op's fake promises contiguous outputs
         if self.dead is not None:
             out = out.masked_fill(self.dead[..., None], 0.0)
@@ -193,8 +199,8 @@ class Plan:
         dout_p, out_p = (_pad_last(_last_contiguous(t.to(q.dtype)), width) for t in (dout, out))
         lse = torch.where(torch.isneginf(lse), 0.0, lse)  # dead rows: P = exp(-inf - 0) = 0
         lse = lse.to(torch.float64 if q.dtype == torch.float64 and self.kernels is CPU else torch.float32)
-        bias = self.tempered_bias if tempered else self.bias
-        dq, dk, dv = self.kernels.backward(dout_p, qp, kp, vp, out_p, lse.contiguous(), bias, self.causal, scale)
+        dq, dk, dv = self.kernels.backward(dout_p, qp, kp, vp, out_p, lse.contiguous(), self._bias(tempered),
+                                           self.causal, scale)
         dk, dv = (self._sum_groups(g, k.shape[1]) for g in (dk, dv))
         return tuple(g[..., :size].contiguous() for g, size in ((dq, q.shape[-1]), (dk, k.shape[-1]),
                                                                  (dv, v.shape[-1])))
@@ -240,26 +246,24 @@ def _allowed(attention_mask, lq, lk, causal, sliding_window, device):
 
 
 def make_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attention_mask: torch.Tensor | None,
-              causal: bool, sliding_window: int | None, temperature: float, device_type: str | None = None,
-              ) -> Plan:
-    """Kernels, bias and dead rows for one problem; ``device_type`` overrides ``q.device.type`` (tests)."""
-    device_type = device_type or q.device.type
+              causal: bool, sliding_window: int | None, temperature: float) -> Plan:
+    """Kernels, bias and dead rows for one problem (CPU kernels for CPU tensors, CUDA ones otherwise)."""
     lq, lk = q.shape[2], k.shape[2]
     simple = attention_mask is None and sliding_window is None and (not causal or lq == lk)
     allowed, additive = (None, None) if simple else _allowed(attention_mask, lq, lk, causal, sliding_window,
                                                              q.device)
-    bias = tempered = dead = None
+    bias = dead = None
     if allowed is not None:
         dead = ~allowed.any(dim=-1)
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        if additive is not None:
-            bias = bias + additive.to(q.dtype)
-            tempered = bias / temperature if temperature != 1.0 else bias
+        if additive is not None:  # its -inf entries are in ``allowed``; clamp the rest into q's range
+            limits = torch.finfo(q.dtype)
+            bias = bias + additive.clamp(limits.min, limits.max).to(q.dtype)
     capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
     head_dim = max(q.shape[-1], v.shape[-1])
-    kernels = choose_kernels(device_type, q.dtype, head_dim, bias is not None, capability)
+    kernels = choose_kernels(q.device.type, q.dtype, head_dim, bias is not None, capability)
     head_dim = -(-head_dim // kernels.head_dim_multiple) * kernels.head_dim_multiple
-    return Plan(kernels, bias, bias if tempered is None else tempered, causal and lq == lk, dead, head_dim)
+    return Plan(kernels, bias, additive is not None, temperature, causal and lq == lk, dead, head_dim)
 
 
 # --------------------------------------------------------------------------- the backend contract
