@@ -129,9 +129,11 @@ def test_loading_is_quiet_and_restores_transformers_settings(capfd, model_dir) -
         warnings.simplefilter("error")  # a clean checkpoint: no warning at all
         model, tokenizer = load_model(model_dir)
         default, _ = fastgim.load_default_model()
+        assert main(["explain", "--text", "The capital of France is"]) == 0  # the bundled model, from the CLI
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out
     assert "LOAD REPORT" not in captured.err + captured.out
+    assert "prediction: ' Paris'" in captured.out
     assert hf_logging.is_progress_bar_enabled()
     assert not model.training and model.config._attn_implementation == "gim_fused"
     assert tokenizer.convert_ids_to_tokens([4]) == ["the"]

@@ -13,7 +13,6 @@ with ``attn_implementation="gim_fused"`` after ``import fastgim`` always finds i
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.util
 import sys
 import types
@@ -126,8 +125,9 @@ def _register_after_import() -> None:
                       RuntimeWarning, stacklevel=2)
 
 
-class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
-    """Post-import hook: registers ``gim_fused`` right after ``transformers.modeling_utils`` has executed."""
+class _RegisterWhenTransformersLoads:
+    """Post-import hook (a ``sys.meta_path`` finder; not derived from ``importlib.abc``, whose import costs more than
+    the rest of ``import fastgim``): registers ``gim_fused`` right after ``transformers.modeling_utils`` has executed."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != _HOOKED_MODULE:
