@@ -519,22 +519,25 @@ def _bwd_dkdv_kernel(
 # 128 every config compiles without register spills for sm_80 and sm_90 in every feature set; head_dim 64
 # uses the same configs (fewer registers per tile). The dK/dV kernel keeps K, V, dK and dV of BLOCK_N keys
 # in registers, which only fits 32 x 64 blocks on 8 warps (and smaller) at head_dim 128; with the extra
-# features it needs num_stages=1. Head_dim 256 tables are unverified for spills (see the report).
+# features it needs num_stages=1. Every head_dim <= 128 table has a config within 99 KiB of shared memory.
+# Head_dim 256 tables (plus the common fallback) are not spill-free (see the report).
+_SMALL = (32, 32, 4, 1)  # fits 99 KiB of shared memory (consumer GPUs) where the others do not
 _D128_DKDV = [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]
-_D128_DKDV_EXTRAS = [(32, 64, 8, 1)]
+_D128_DKDV_EXTRAS = [(32, 64, 8, 1), _SMALL]
 _SM90_D128 = {
-    ("fwd", "plain"): [(128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)],
-    ("fwd", "stats"): [(64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 3)],
-    ("dq", "plain"): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    ("fwd", "plain"): [(128, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), _SMALL],
+    ("fwd", "stats"): [(64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 3), _SMALL],
+    ("dq", "plain"): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), _SMALL],
+    ("dq", "stats"): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],  # _SMALL spills in option B
     ("dkdv", "plain"): _D128_DKDV, ("dkdv", "gim"): _D128_DKDV,
     ("dkdv", "plain+extras"): _D128_DKDV_EXTRAS, ("dkdv", "gim+extras"): _D128_DKDV_EXTRAS,
 }
 _SM80_D128 = {
-    ("fwd", "plain"): [(64, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-    ("fwd", "stats"): [(64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 8, 2)],
-    ("dq", "plain"): [(64, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
-    ("dq", "stats"): [(64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
-    ("dq", "stats+extras"): [(64, 64, 8, 2)],
+    ("fwd", "plain"): [(64, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), _SMALL],
+    ("fwd", "stats"): [(64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 8, 2), _SMALL],
+    ("dq", "plain"): [(64, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],  # _SMALL spills (128 registers)
+    ("dq", "stats"): [(64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), _SMALL],
+    ("dq", "stats+extras"): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), _SMALL],
     ("dkdv", "plain"): _D128_DKDV, ("dkdv", "gim"): _D128_DKDV,
     ("dkdv", "plain+extras"): _D128_DKDV_EXTRAS, ("dkdv", "gim+extras"): _D128_DKDV_EXTRAS,
 }
@@ -563,7 +566,7 @@ _TABLES = {9: _by_bucket(_SM90_D128, _SM90_D256), 8: _by_bucket(_SM80_D128, _SM8
 # consumer GPUs' 99 KiB of shared memory at head_dim 256.
 _FP32 = {64: [(64, 32, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 2), (32, 32, 4, 1)],
          256: [(32, 32, 4, 1), (16, 32, 4, 1)]}
-# Appended to every half-precision table: fits the shared memory of any supported GPU.
+# Appended to the head_dim 256 tables: fits the shared memory of any supported GPU.
 _FALLBACK = (32, 32, 4, 1)
 _INTERPRET_BLOCKS = (32, 32)
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
@@ -601,8 +604,8 @@ def config_table(kind: str, d_pad: int, capability: tuple[int, int], variant: st
     tables = _TABLES[9 if capability[0] >= 9 else 8]
     base = variant.split("+")[0]
     key = next(k for k in ((kind, variant), (kind, base), (kind, "plain")) if k in tables and bucket in tables[k])
-    table = tables[key][bucket]
-    return table + ([_FALLBACK] if _FALLBACK not in table else [])
+    table = list(tables[key][bucket])
+    return table + [_FALLBACK] if bucket == 256 and _FALLBACK not in table else table
 
 
 def _kernel(kind: str, d_pad: int, device: torch.device, variant: str):
