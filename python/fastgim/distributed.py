@@ -226,11 +226,11 @@ def attribute_dataset(
     expected = manifest.describe_run(
         model, tokenizer, texts, method or manifest.method_name(explain_fn), batch_size, explain_kwargs
     )
-    if rank == 0:
+    if rank == 0 or not distributed:  # without a process group every rank claims (same content, atomic write)
         manifest.claim(output, expected, _read_records(_existing_parts(output)))
     if distributed:
         dist.barrier()
-    manifest.check(output, expected)
+        manifest.check(output, expected)
     _cut_torn_tail(_part_path(output, rank))
     done = set(_read_records(_existing_parts(output)))
     batches = [range(start, min(start + batch_size, len(texts))) for start in range(0, len(texts), batch_size)]

@@ -60,14 +60,20 @@ def jsonable(value: Any) -> Any:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """Hash of every parameter's name, shape, dtype, float64 sum and an evenly strided sample of its values."""
+    """Hash of every parameter's name, shape, dtype, float64 sum and an evenly strided sample of its values.
+
+    Parameters offloaded to the meta device (accelerate) contribute their name, shape and dtype only.
+    """
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
+            digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|".encode())
+            if parameter.device.type == "meta":  # offloaded by accelerate: no values here
+                continue
             flat = parameter.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].float().cpu()
             total = float(torch.sum(flat, dtype=torch.float64)) if flat.is_floating_point() else float(flat.sum())
-            digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|{total!r}|".encode())
+            digest.update(f"{total!r}|".encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
 
