@@ -1,7 +1,14 @@
-"""CPU benchmark: ``fastgim.explain`` vs gim-explain 0.1.4 on a Llama-shaped model.
+"""CPU benchmark: ``fastgim.explain`` vs plain gradient x input and gim-explain 0.1.4, Llama-shaped model.
 
 Model: 12 layers, hidden 768, 12 heads (4 KV heads), intermediate 2048, vocab 32000,
 random weights, fp32, 2 threads.
+
+Methods (``--methods``; the first is compared with each of the others):
+
+* ``fastgim``: ``fastgim.explain(model, ids, baseline_token_id=0)`` (every GIM rule);
+* ``grad-x-input``: the floor: plain gradient x input of the same logit (the argmax at the last
+  position) on SDPA attention, parameters' gradients off, logits computed at the last row only;
+* ``gim-explain``: ``gim.explain`` from gim-explain 0.1.4 as published.
 
 * Time: one subprocess per N holds both models (same weights) and alternates the calls
   (fastgim, gim-explain, fastgim, ...) after a warm-up of each, so that the slow and fast
@@ -15,7 +22,11 @@ gim-explain runs as published: on ``sdpa`` attention (its default), it applies o
 its Q/K/V rule to this model (its softmax patch never reaches SDPA, and its norm swap
 does not know LlamaRMSNorm), so fastgim does strictly more work here: every rule.
 
-usage: python benchmarks/explain_cpu.py [--lengths 512 2048] [--repeats 5] [--out FILE]
+The load average (``os.getloadavg``) is recorded before and after each timing run: only numbers from
+an idle machine (load well under the core count) measure the code.
+
+usage: python benchmarks/explain_cpu.py [--lengths 512 2048] [--repeats 5] [--methods ...] [--out FILE]
+       python benchmarks/explain_cpu.py --quick   # fastgim vs grad-x-input at N=2048, 5 pairs (~2 min idle)
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("fastgim", "gim-explain")
+METHODS = ("fastgim", "grad-x-input", "gim-explain")
 
 
 def _rss_bytes() -> int:
@@ -62,6 +73,10 @@ def _caller(method: str):
 
         model, config = _build_model("gim_fused")
         return (lambda ids: fastgim.explain(model, ids, baseline_token_id=0)), config.vocab_size
+    if method == "grad-x-input":
+        model, config = _build_model("sdpa")
+        model.requires_grad_(False)
+        return _grad_x_input(model), config.vocab_size
     if method == "gim-explain":
         import gim
 
@@ -73,6 +88,24 @@ def _caller(method: str):
 
         return call, config.vocab_size
     raise ValueError(method)
+
+
+def _grad_x_input(model):
+    """Plain gradient x input of the argmax logit at the last position (logits at that row only)."""
+    import torch
+
+    embeddings = model.get_input_embeddings()
+
+    def call(ids):
+        with torch.enable_grad():
+            with torch.no_grad():
+                base = embeddings(torch.full_like(ids, 0))
+            emb = embeddings(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=emb, use_cache=False, logits_to_keep=1).logits[0, -1]
+            (grad,) = torch.autograd.grad(logits[logits.argmax()], emb)
+        return (grad * (emb.detach() - base)).sum(-1)[0]
+
+    return call
 
 
 def _ids(length: int, vocab: int):
@@ -94,23 +127,26 @@ def run_memory(method: str, length: int) -> dict:
     return {"method": method, "length": length, "peak_bytes": peak}
 
 
-def run_times(length: int, repeats: int) -> dict:
-    """In a child process: both methods' calls, alternated, after a warm-up call of each."""
+def run_times(length: int, repeats: int, methods: list[str]) -> dict:
+    """In a child process: the methods' calls, alternated, after a warm-up call of each."""
     import torch
 
     torch.set_num_threads(2)
-    callers = {method: _caller(method) for method in METHODS}
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    callers = {method: _caller(method) for method in methods}
+    times: dict[str, list[float]] = {method: [] for method in methods}
     for call, vocab in callers.values():
         call(_ids(length, vocab))
+    load_before = os.getloadavg()
     for _ in range(repeats):
         for method, (call, vocab) in callers.items():
             ids = _ids(length, vocab)
             start = time.perf_counter()
             call(ids)
             times[method].append(time.perf_counter() - start)
-    ratios = [ours / theirs for ours, theirs in zip(times["fastgim"], times["gim-explain"])]
-    return {"length": length, "times": times, "pair_ratios": ratios}
+    first = methods[0]
+    ratios = {other: [ours / theirs for ours, theirs in zip(times[first], times[other])] for other in methods[1:]}
+    return {"length": length, "times": times, "pair_ratios": ratios,
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 
 #: glibc keeps freed large blocks resident (its mmap threshold adapts), so the peak RSS of the same
@@ -127,16 +163,20 @@ def _child(*arguments: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _summary(length: int, timing: dict, memory: dict[str, dict]) -> dict:
-    row = {"length": length}
+def _summary(length: int, timing: dict, memory: dict[str, dict], methods: list[str]) -> dict:
+    row: dict = {"length": length}
+    first = methods[0]
     if "error" not in timing:
-        row["time_ratio"] = statistics.median(timing["pair_ratios"])
+        row["time_ratio"] = {f"{first}/{other}": statistics.median(r) for other, r in timing["pair_ratios"].items()}
         row["pair_ratios"] = timing["pair_ratios"]
-        row["seconds"] = {method: statistics.median(timing["times"][method]) for method in METHODS}
+        row["seconds"] = {method: statistics.median(timing["times"][method]) for method in methods}
         row["times"] = timing["times"]
-    if all("error" not in memory[method] for method in METHODS):
-        row["peak_bytes"] = {method: memory[method]["peak_bytes"] for method in METHODS}
-        row["peak_memory_ratio"] = memory["fastgim"]["peak_bytes"] / memory["gim-explain"]["peak_bytes"]
+        row["load_average_before"] = timing["load_average_before"]
+        row["load_average_after"] = timing["load_average_after"]
+    if memory and all("error" not in memory[method] for method in methods):
+        row["peak_bytes"] = {method: memory[method]["peak_bytes"] for method in methods}
+        row["peak_memory_ratio"] = {f"{first}/{other}": memory[first]["peak_bytes"] / memory[other]["peak_bytes"]
+                                    for other in methods[1:]}
     return row
 
 
@@ -144,33 +184,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
+    parser.add_argument("--quick", action="store_true",
+                        help="fastgim vs grad-x-input at N=2048, 5 pairs, with memory (~2 min on an idle 2-core box)")
     parser.add_argument("--out", type=Path, default=RESULTS / "explain_cpu.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = run_times(int(rest[0]), int(rest[1])) if kind == "times" else run_memory(rest[0], int(rest[1]))
+        if kind == "times":
+            result = run_times(int(rest[0]), int(rest[1]), rest[2:])
+        else:
+            result = run_memory(rest[0], int(rest[1]))
         print(json.dumps(result))
         return
+    if args.quick:
+        args.lengths, args.repeats, args.methods = [2048], 5, ["fastgim", "grad-x-input"]
     import torch
     import transformers
 
+    from fastgim.ops import attention_cpu
+
+    methods = list(dict.fromkeys(args.methods))
     rows, errors = [], []
     for length in args.lengths:
-        memory = {method: _child("memory", method, str(length)) for method in METHODS}
-        timing = _child("times", str(length), str(args.repeats))
+        memory = {} if args.no_memory else {method: _child("memory", method, str(length)) for method in methods}
+        timing = _child("times", str(length), str(args.repeats), *methods)
         errors += [r for r in (timing, *memory.values()) if "error" in r]
-        rows.append(_summary(length, timing, memory))
+        rows.append(_summary(length, timing, memory, methods))
     report = {
         "benchmark": "explain_cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}), 2 threads",
+        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores), 2 threads",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "gim-explain": "0.1.4"},
+        "attention_backward": attention_cpu.kernel_status(),
         "model": "Llama-shaped: 12 layers, hidden 768, 12 heads / 4 KV heads, intermediate 2048, vocab 32000, fp32",
-        "method": f"time: median over {args.repeats} alternated (fastgim, gim-explain) pairs of the per-pair ratio; "
-                  "memory: one call per fresh process with MALLOC_MMAP_THRESHOLD_ and "
-                  "MALLOC_TRIM_THRESHOLD_ at 128 KiB",
+        "methods": methods,
+        "method": f"time: median over {args.repeats} alternated ({', '.join(methods)}) rounds of the per-round "
+                  f"ratio {methods[0]} / other; load average (1, 5, 15 min) before and after the timed rounds; "
+                  "memory: one call per fresh process with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 128 KiB",
         "rows": rows,
         "errors": errors,
     }
@@ -178,13 +232,15 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for error in errors:
         print(f"ERROR {error['arguments']}: {error['error'][-300:]}")
-    print(f"{'N':>6} {'fastgim s':>10} {'gim-explain s':>14} {'time ratio':>11} {'pairs':>28} {'memory ratio':>13}")
+    print(f"attention backward: {report['attention_backward']}")
     for row in rows:
-        seconds = row.get("seconds", {})
-        pairs = " ".join(f"{r:.2f}" for r in row.get("pair_ratios", []))
-        print(f"{row['length']:>6} {seconds.get('fastgim', float('nan')):>10.3f} "
-              f"{seconds.get('gim-explain', float('nan')):>14.3f} {row.get('time_ratio', float('nan')):>10.2f}x "
-              f"{pairs:>28} {row.get('peak_memory_ratio', float('nan')):>12.2f}x")
+        seconds = " ".join(f"{m} {s:.3f}s" for m, s in row.get("seconds", {}).items())
+        load = row.get("load_average_before", [float("nan")])[0], row.get("load_average_after", [float("nan")])[0]
+        print(f"N={row['length']}: {seconds}; load {load[0]:.2f} -> {load[1]:.2f}")
+        for name, ratio in row.get("time_ratio", {}).items():
+            pairs = " ".join(f"{r:.2f}" for r in row["pair_ratios"][name.split("/")[1]])
+            memory = row.get("peak_memory_ratio", {}).get(name, float("nan"))
+            print(f"  {name}: time {ratio:.2f}x (pairs {pairs}), peak memory {memory:.2f}x")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,20 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
 void GEMM_BF16BF16F32(const char*, const char*, const int*, const int*, const int*, const float*, const bf16*,
                       const int*, const bf16*, const int*, const float*, float*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
+
+// One BLAS thread on this thread while alive: the GEMMs run inside our own parallel loop, and MKL's
+// nested teams (torch sets MKL's global thread count) spin-wait against it on a busy machine.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+};
 
 template <typename S> constexpr at::ScalarType scalar_type_of() {
   if constexpr (std::is_same_v<S, bf16>) return at::kBFloat16;
@@ -359,6 +372,7 @@ std::vector<at::Tensor> backward_impl(const Problem& pb, const at::Tensor& dout,
   T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>(), *dgp = dgate.data_ptr<T>();
   const int64_t D = pb.dim, Dv = pb.dim_v;
   at::parallel_for(0, pb.batch * pb.hq, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
     Workspace<S, T> ws(pb, mode);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t kv = (bh / pb.hq) * pb.hkv + (bh % pb.hq) / group;  // b * Hkv + h / G

@@ -43,9 +43,15 @@ _STATUS: list[str] = []  # [status] once a load was tried
 
 def _load() -> str:
     prebuilt = sorted(glob.glob(str(_PACKAGE / "_cpu_kernels*.so")))
-    if prebuilt:
-        torch.ops.load_library(prebuilt[0])
-        return "cpu-kernel (prebuilt)"
+    # In a source checkout, a prebuilt library older than the source is stale: JIT-build instead.
+    stale = _SOURCE.exists() and prebuilt and os.path.getmtime(prebuilt[0]) < os.path.getmtime(_SOURCE)
+    if prebuilt and not stale:
+        try:
+            torch.ops.load_library(prebuilt[0])
+            return "cpu-kernel (prebuilt)"
+        except OSError:  # built against another torch: fall through to the JIT build
+            if not _SOURCE.exists():
+                raise
     if not _SOURCE.exists():
         return "torch (no prebuilt CPU kernel and no source to build)"
     from torch.utils import cpp_extension
