@@ -342,6 +342,18 @@ def test_half_precision_within_accuracy_policy(cls, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_float64_model_keeps_float64_in_the_backward(impl):
+    model = _build(TinyGPT, impl, seed=6).double()  # functional LayerNorm: the mode's frozen norm
+    ids = _ids(seed=14)
+    with GIM(model):
+        got = _plain_grad(model, ids)
+    with reference_rules(model, DEFAULTS):
+        want = _plain_grad(model, ids)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_checkpointed_blocks_recompute_under_the_mode(impl):
     model = _build(TinyGPT, impl, seed=5)
     ids = _ids(seed=12)
