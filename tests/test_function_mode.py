@@ -700,6 +700,31 @@ def test_llama_registry_and_function_mode_paths_agree(attn):
     torch.testing.assert_close(mode, registry, rtol=0, atol=1e-5 * registry.abs().max().item())
 
 
+class Wrapper(nn.Module):
+    """A plain module around a transformers model (no .config): served by the mode path."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(input_ids=ids, attention_mask=attention_mask).logits
+
+
+@pytest.mark.parametrize("attn", ["gim_fused", "eager"])
+def test_plain_wrapper_around_an_hf_model_matches_the_registry_path(attn):
+    from reference_gim import build_model
+
+    inner = build_model("qwen2", attn=attn)
+    ids = _ids(batch=2, seed=15)
+    kwargs = dict(target_token_id=5, contrast_token_id=8, baseline_token_id=0)
+    want = explain(inner, ids, **kwargs)
+    wrapper = Wrapper(inner).eval()
+    assert not GIM(wrapper).uses_registry()
+    got = explain(wrapper, ids, embeddings=inner.get_input_embeddings(), **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 # --------------------------------------------------------------------------- threads, compile, state
 
 

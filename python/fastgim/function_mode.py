@@ -346,8 +346,7 @@ class GIMFunctionMode(TorchFunctionMode):
             return self._matmul(func, args, kwargs, settings)
         if (func in _LAYER_NORMS or func in _RMS_NORMS) and settings.freeze_norm and self.attention:
             return self._norm(func, args, kwargs)
-        if getattr(func, "_qualified_op_name", None) == "fastgim::attention_forward" or \
-                getattr(func, "__name__", None) == "fastgim::attention_forward":
+        if str(func) == "fastgim.attention_forward.default":
             self.seen.attention += 1  # gim_fused attention (a registry-served submodule)
         return func(*args, **kwargs)
 
