@@ -342,6 +342,18 @@ def test_half_precision_within_accuracy_policy(cls, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_float64_model_keeps_float64_in_the_backward(impl):
+    model = _build(TinyGPT, impl, seed=6).double()  # functional LayerNorm: the mode's frozen norm
+    ids = _ids(seed=14)
+    with GIM(model):
+        got = _plain_grad(model, ids)
+    with reference_rules(model, DEFAULTS):
+        want = _plain_grad(model, ids)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_checkpointed_blocks_recompute_under_the_mode(impl):
     model = _build(TinyGPT, impl, seed=5)
     ids = _ids(seed=12)
@@ -686,6 +698,31 @@ def test_llama_registry_and_function_mode_paths_agree(attn):
     mode = explain(model, ids, integration="function_mode", **kwargs)
     assert model.config._attn_implementation == attn
     torch.testing.assert_close(mode, registry, rtol=0, atol=1e-5 * registry.abs().max().item())
+
+
+class Wrapper(nn.Module):
+    """A plain module around a transformers model (no .config): served by the mode path."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(input_ids=ids, attention_mask=attention_mask).logits
+
+
+@pytest.mark.parametrize("attn", ["gim_fused", "eager"])
+def test_plain_wrapper_around_an_hf_model_matches_the_registry_path(attn):
+    from reference_gim import build_model
+
+    inner = build_model("qwen2", attn=attn)
+    ids = _ids(batch=2, seed=15)
+    kwargs = dict(target_token_id=5, contrast_token_id=8, baseline_token_id=0)
+    want = explain(inner, ids, **kwargs)
+    wrapper = Wrapper(inner).eval()
+    assert not GIM(wrapper).uses_registry()
+    got = explain(wrapper, ids, embeddings=inner.get_input_embeddings(), **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 # --------------------------------------------------------------------------- threads, compile, state

@@ -14,7 +14,8 @@ everything else, including the code inside fastgim's own ops and every backward,
   (ALiBi-style biases included), ``scale`` and ``enable_gqa`` are honoured; ``dropout_p > 0`` is an error.
 * ``F.softmax`` / ``torch.softmax`` / ``Tensor.softmax`` (and ``nn.Softmax``) in the *softmax scope*
   get the temperature backward: forward unchanged bit for bit, backward
-  ``dS = P_T * (dP - rowsum(dP * P_T))`` with ``P_T = softmax(S / T)`` computed in float32 as
+  ``dS = P_T * (dP - rowsum(dP * P_T))`` with ``P_T = softmax(S / T)`` computed in float32 (float64 for
+  float64) as
   ``P^(1/T)`` renormalised from the saved forward ``P`` (no more memory than the ordinary softmax).
   Scope ``"attention"`` (default, the GIM paper's intent): attention probabilities only, i.e. softmaxes
   over the last dim of 4-D ``(batch, heads, q, k)`` tensors, or of 3-D ``(batch * heads, q, k)`` tensors
@@ -105,7 +106,7 @@ class _TemperatureSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        p32, g32 = probs.float(), grad.float()
+        p32, g32 = _upcast(probs), _upcast(grad)
         if ctx.temperature != 1.0:
             powered = p32.sqrt() if ctx.temperature == 2.0 else p32.pow(1.0 / ctx.temperature)
             p32 = powered / powered.sum(ctx.dim, keepdim=True)
@@ -113,8 +114,13 @@ class _TemperatureSoftmax(torch.autograd.Function):
         return dx.to(ctx.x_dtype), None, None, None, None
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it is float64 (the backward's compute dtype)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    return t.float().reshape(-1, n)
+    return _upcast(t).reshape(-1, n)
 
 
 class _FrozenNorm(torch.autograd.Function):
@@ -138,7 +144,7 @@ class _FrozenNorm(torch.autograd.Function):
             centred = x32
             rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + ctx.eps)
         normed = centred * rstd
-        gw = g32 * weight.float().reshape(n) if weight is not None else g32
+        gw = g32 * _upcast(weight).reshape(n) if weight is not None else g32
         if ctx.kind == "layer":
             gw = gw - gw.mean(-1, keepdim=True)
         dx = (gw * rstd).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
@@ -340,8 +346,7 @@ class GIMFunctionMode(TorchFunctionMode):
             return self._matmul(func, args, kwargs, settings)
         if (func in _LAYER_NORMS or func in _RMS_NORMS) and settings.freeze_norm and self.attention:
             return self._norm(func, args, kwargs)
-        if getattr(func, "_qualified_op_name", None) == "fastgim::attention_forward" or \
-                getattr(func, "__name__", None) == "fastgim::attention_forward":
+        if str(func) == "fastgim.attention_forward.default":
             self.seen.attention += 1  # gim_fused attention (a registry-served submodule)
         return func(*args, **kwargs)
 
