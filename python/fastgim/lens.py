@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgim.chg import CHGDataset, CHGResults, CHGTrainer, _head_counts
+from fastgim.params import eval_mode
 
 
 class LensAPI:
@@ -27,7 +28,7 @@ class LensAPI:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, adapter: Any = None, device: str | None = None):
-        self.model = model.eval()
+        self.model = model  # its training flag is kept: each call runs in eval mode and restores it
         self.tokenizer = tokenizer
         self.num_layers, self.num_heads = _head_counts(model)
         if device is not None:
@@ -133,10 +134,11 @@ class LensAPI:
                              lr=lr, lr_reg=lr, gradient_accum_steps=gradient_accum_steps, seed=seed)
         history: dict[str, list[Tensor]] = {}
         metrics: list[dict[str, Any]] = []
-        for mask, record in trainer.fit(num_updates, num_reg_updates, save_path=save_path, verbose=verbose,
-                                        callback=callback):
-            history.setdefault(record["regularization"], []).append(mask)
-            metrics.append(record)
+        with eval_mode(self.model):  # no dropout while fitting; the caller's training flag comes back
+            for mask, record in trainer.fit(num_updates, num_reg_updates, save_path=save_path, verbose=verbose,
+                                            callback=callback):
+                history.setdefault(record["regularization"], []).append(mask)
+                metrics.append(record)
         results = trainer.results(history, metrics)
         results.threshold = threshold
         if save_path is not None:
@@ -152,7 +154,8 @@ class LensAPI:
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         layers = None if layers is None else list(layers)
         sites = None if sites is None else list(sites)
-        return TransformerTracer(self.model, self.tokenizer).trace(source, layers=layers, sites=sites, **extra)
+        with eval_mode(self.model):
+            return TransformerTracer(self.model, self.tokenizer).trace(source, layers=layers, sites=sites, **extra)
 
     def score(self, texts: Any = None, temperature: float | None = 1.0, *, input_ids: Tensor | None = None,
               attention_mask: Tensor | None = None) -> Any:
@@ -162,7 +165,8 @@ class LensAPI:
         source = self._source(texts, input_ids)
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         temperature = 1.0 if temperature is None else temperature
-        return TransformerTracer(self.model, self.tokenizer).score(source, temperature=temperature, **extra)
+        with eval_mode(self.model):
+            return TransformerTracer(self.model, self.tokenizer).score(source, temperature=temperature, **extra)
 
     @staticmethod
     def _source(texts: Any, input_ids: Tensor | None) -> Any:

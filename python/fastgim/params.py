@@ -1,4 +1,4 @@
-"""Switching parameters' gradients off for attribution and gate training."""
+"""Switching parameters' gradients and the training flag off for attribution and gate training."""
 
 from __future__ import annotations
 
@@ -23,3 +23,15 @@ def no_parameter_grads(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` in the block; the model's (and every submodule's) training flag restored after, errors included."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
