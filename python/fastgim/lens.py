@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgim.chg import CHGDataset, CHGResults, CHGTrainer, _head_counts
+from fastgim.params import eval_mode
 from fastgim.tracing import TokenScores, TraceResult, TransformerTracer
 
 
@@ -28,13 +29,14 @@ class LensAPI:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, adapter: Any = None, device: str | None = None):
-        """Wrap ``model`` (put in eval mode, parameters frozen with ``requires_grad=False``, as inteprelens).
+        """Wrap ``model`` (parameters frozen with ``requires_grad=False``, as inteprelens).
 
+        The model's training flag is kept: each call runs in eval mode and restores it.
         ``adapter`` defaults to :func:`fastgim.adapters.get_adapter`; ``device`` moves the model.
         """
         from fastgim.adapters import get_adapter
 
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
         self.num_layers, self.num_heads = _head_counts(model)
         self.adapter = adapter if adapter is not None else get_adapter(model)
@@ -140,10 +142,11 @@ class LensAPI:
                              numerics="inteprelens" if convention == "inteprelens" else "fastgim")
         history: dict[str, list[Tensor]] = {}
         metrics: list[dict[str, Any]] = []
-        for mask, record in trainer.fit(num_updates, num_reg_updates, save_path=save_path, verbose=verbose,
-                                        callback=callback):
-            history.setdefault(record["regularization"], []).append(mask)
-            metrics.append(record)
+        with eval_mode(self.model):  # no dropout while fitting; the caller's training flag comes back
+            for mask, record in trainer.fit(num_updates, num_reg_updates, save_path=save_path, verbose=verbose,
+                                            callback=callback):
+                history.setdefault(record["regularization"], []).append(mask)
+                metrics.append(record)
         results = trainer.results(history, metrics)
         results.threshold = threshold
         results.convention = convention
@@ -165,8 +168,9 @@ class LensAPI:
     ) -> TraceResult:
         """Named-site activations for ``texts`` (or ``input_ids``): :meth:`fastgim.tracing.TransformerTracer.trace`."""
         tracer = TransformerTracer(self.model, self.tokenizer, adapter=self.adapter)
-        return tracer.trace(texts, layers=layers, sites=sites, input_ids=input_ids, attention_mask=attention_mask,
-                            detach=detach, clone=clone, **model_kwargs)
+        with eval_mode(self.model):
+            return tracer.trace(texts, layers=layers, sites=sites, input_ids=input_ids, attention_mask=attention_mask,
+                                detach=detach, clone=clone, **model_kwargs)
 
     def score(
         self,
@@ -179,8 +183,9 @@ class LensAPI:
     ) -> TokenScores:
         """Logits / temperature, log-probs and probs for ``texts``: :meth:`fastgim.tracing.TransformerTracer.score`."""
         tracer = TransformerTracer(self.model, self.tokenizer, adapter=self.adapter)
-        return tracer.score(texts, temperature=temperature, input_ids=input_ids, attention_mask=attention_mask,
-                            **model_kwargs)
+        with eval_mode(self.model):
+            return tracer.score(texts, temperature=temperature, input_ids=input_ids, attention_mask=attention_mask,
+                                **model_kwargs)
 
     def fit_pattern_task(
         self,

@@ -1,4 +1,4 @@
-"""Switching parameters' gradients off for attribution and gate training."""
+"""Switching parameters' gradients and the training flag off for attribution and gate training."""
 
 from __future__ import annotations
 
@@ -35,9 +35,14 @@ def no_parameter_grads(model: nn.Module) -> Iterator[None]:
 
 
 def _switch_to_eval(model: nn.Module) -> Undo:
-    was_training = model.training
+    flags = [(module, module.training) for module in model.modules()]
     model.eval()
-    return lambda: model.train(was_training)
+
+    def undo() -> None:  # every submodule's own flag, not one flag for all
+        for module, flag in flags:
+            module.training = flag
+
+    return undo
 
 
 @contextlib.contextmanager

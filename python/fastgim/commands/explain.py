@@ -39,7 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="list at most K rows in the score table: the largest |score| first; 0 lists every "
                              "token in order (default 20)")
     parser.add_argument("--window", type=parse_window, default=None, metavar="START:END",
-                        help="print only positions START..END-1 (Python slice: -50: is the last 50; "
+                        help="print only positions START..END-1 (a Python slice: --window=-50: is the last 50; "
                              "default: all); the files get every token")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (it is shown only when stderr is a terminal and the run is long)")
