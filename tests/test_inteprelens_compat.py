@@ -137,6 +137,8 @@ def test_lens_api_matches_inteprelens_behaviour():
     results = lens.fit(texts=PROMPTS, targets=ANSWERS, num_masks=None, num_updates=2, num_reg_updates=2,
                        batch_size=2, verbose=False, seed=0)
     assert results.num_masks is None and results.masks["positive"].shape == (2, 2, 4)
+    with pytest.raises(ValueError, match="convention must be"):
+        lens.fit(texts=PROMPTS, targets=ANSWERS, convention="paper2", verbose=False)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_masks must be >= 1"):
             lens.fit(texts=PROMPTS, targets=ANSWERS, num_masks=bad, verbose=False)

@@ -40,7 +40,11 @@ Taxonomy from the final retention mask ``s`` and removal mask ``r`` (threshold `
 * ambiguous: ``r >= t`` and ``s < t`` (contradictory; rare, reported rather than hidden).
 
 The API follows inteprelens (``CHG``, ``CHGTrainer``, ``CHGResults``, ``CHGDataset``,
-``CausalCircuitAttribution``) with the same names and defaults.
+``CausalCircuitAttribution``) with the same names and defaults. Where fastgim differs on purpose an
+option gives inteprelens' behaviour: ``CHGResults(convention="inteprelens")`` (its head labels),
+``CHGTrainer(numerics="inteprelens")`` (bf16 autocast, mean over masks, joint clipping, its batch
+order), ``CHGDataset.from_texts(tokenization="inteprelens")`` and
+``CausalCircuitAttribution(method="grad_norm")``.
 """
 
 from __future__ import annotations

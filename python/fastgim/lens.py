@@ -111,6 +111,7 @@ class LensAPI:
                 gradient clipping, DataLoader batch order) and head labels (see :class:`CHGResults`).
         """
         _check_num_masks(num_masks)
+        _check_convention(convention)
         dataset = CHGDataset.from_texts(texts, targets, self.tokenizer, max_length=max_length, device=self.device,
                                         tokenization="inteprelens" if convention == "inteprelens" else "fastgim")
         return self.fit_dataset(dataset, num_masks=num_masks, num_updates=num_updates,
@@ -135,8 +136,13 @@ class LensAPI:
         seed: int | None = None,
         convention: Literal["paper", "inteprelens"] = "paper",
     ) -> CHGResults:
-        """:meth:`fit` on a prepared :class:`CHGDataset` (or inteprelens' ``MaskedSequenceDataset``)."""
+        """:meth:`fit` on a prepared :class:`CHGDataset` (or inteprelens' ``MaskedSequenceDataset``).
+
+        ``convention="inteprelens"`` trains with inteprelens' numerics and labels the heads its way
+        (the dataset's tokenisation is the dataset's own).
+        """
         _check_num_masks(num_masks)
+        _check_convention(convention)
         trainer = CHGTrainer(self.model, dataset, num_masks=num_masks, batch_size=batch_size, l1_weight=l1_weight,
                              lr=lr, lr_reg=lr, gradient_accum_steps=gradient_accum_steps, seed=seed,
                              numerics="inteprelens" if convention == "inteprelens" else "fastgim")
@@ -236,3 +242,9 @@ class LensAPI:
 def _check_num_masks(num_masks: int | None) -> None:
     if num_masks is not None and (isinstance(num_masks, bool) or not isinstance(num_masks, int) or num_masks < 1):
         raise ValueError(f"num_masks must be >= 1 (or None for a single (layers, heads) mask), got {num_masks!r}")
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in ("paper", "inteprelens"):
+        raise ValueError(f"convention must be 'paper' (the CHG paper's labels, fastgim's default) or 'inteprelens', "
+                         f"got {convention!r}")
