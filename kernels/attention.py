@@ -516,8 +516,8 @@ def _bwd_dkdv_kernel(
 # extra-feature specialisations hold more live tiles (option A's forward a second accumulator, the dK/dV
 # kernel a probability tile more; softcap / masks / gate further tiles) and spill in configs that suit the
 # plain kernels. Chosen from ahead-of-time compiles (benchmarks/compile_report.py, Triton 3.9): at head_dim
-# 128 every config compiles without register spills for sm_80 and sm_90 in every feature set; head_dim 64
-# uses the same configs (fewer registers per tile). The dK/dV kernel keeps K, V, dK and dV of BLOCK_N keys
+# 64 and 128 every offered config compiles without register spills for sm_80 and sm_90, fp16, in every
+# feature set (head_dim 64 uses the head_dim-128 configs, pruned on sm_80 where ptxas spills them). The dK/dV kernel keeps K, V, dK and dV of BLOCK_N keys
 # in registers, which only fits 32 x 64 blocks on 8 warps (and smaller) at head_dim 128; with the extra
 # features it needs num_stages=1. Every head_dim <= 128 table has a config within 99 KiB of shared memory.
 # Head_dim 256 tables (plus the common fallback) are not spill-free (see the report).
@@ -541,6 +541,7 @@ _SM80_D128 = {
     ("dkdv", "plain"): _D128_DKDV, ("dkdv", "gim"): _D128_DKDV,
     ("dkdv", "plain+extras"): _D128_DKDV_EXTRAS, ("dkdv", "gim+extras"): _D128_DKDV_EXTRAS,
 }
+_SM80_D64_DKDV_EXTRAS = [(32, 32, 4, 2), (16, 32, 4, 1)]
 _SM90_D256 = {
     ("fwd", "plain"): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
     ("fwd", "stats"): [(64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
@@ -557,11 +558,25 @@ _SM80_D256 = {
 }
 
 
-def _by_bucket(d128: dict, d256: dict) -> dict:
-    return {key: {64: d128[key], 128: d128[key], **({256: d256[key]} if key in d256 else {})} for key in d128}
+# sm_80 at head_dim 64: ptxas spills some head_dim-128 configs there (other layouts per tile)
+_SM80_D64 = {
+    **_SM80_D128,
+    ("fwd", "plain+extras"): [(64, 64, 4, 3), (64, 32, 4, 3), _SMALL],
+    ("fwd", "stats"): [(32, 64, 4, 3), (64, 32, 8, 2), _SMALL],
+    ("dq", "plain"): [(64, 64, 8, 2), (64, 32, 4, 3)],
+    ("dq", "plain+extras"): [(64, 32, 4, 3), _SMALL],
+    ("dkdv", "plain+extras"): _SM80_D64_DKDV_EXTRAS,
+    ("dkdv", "gim+extras"): _SM80_D64_DKDV_EXTRAS,
+}
 
 
-_TABLES = {9: _by_bucket(_SM90_D128, _SM90_D256), 8: _by_bucket(_SM80_D128, _SM80_D256)}
+def _by_bucket(d64: dict, d128: dict, d256: dict) -> dict:
+    keys = set(d64) | set(d128)
+    return {key: {**({64: d64[key]} if key in d64 else {}), **({128: d128[key]} if key in d128 else {}),
+                  **({256: d256[key]} if key in d256 else {})} for key in keys}
+
+
+_TABLES = {9: _by_bucket(_SM90_D128, _SM90_D128, _SM90_D256), 8: _by_bucket(_SM80_D64, _SM80_D128, _SM80_D256)}
 # float32 tiles take twice the registers and shared memory: small blocks only. The last one also fits
 # consumer GPUs' 99 KiB of shared memory at head_dim 256.
 _FP32 = {64: [(64, 32, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 2), (32, 32, 4, 1)],
