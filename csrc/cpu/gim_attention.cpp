@@ -1,8 +1,9 @@
 // CPU GIM attention backward: one fused pass per block of query rows, no score matrix kept.
 //
-// Op ``fastgim_cpu::gim_attention_backward`` (float32 or float64 inputs, any T > 0):
+// Op ``fastgim_cpu::gim_attention_backward`` (float32, float64 or bfloat16 inputs, any T > 0):
 //
-//   per query head h (parallel), per block of R query rows, against the keys [0, hi) it can see:
+//   per query head h (threads take heads one at a time), per block of R query rows, against the
+//   keys [0, hi) it can see:
 //     X  = (alpha q) k^T - c LSE          alpha = scale log2(e) / T, c = log2(e) / T   (one GEMM)
 //     E  = 2^X  (= exp((S - LSE) / T), 0 at causally hidden keys)
 //     P_T = E / rowsum(E);   P = E^T / rowsum(E^T)  (E^2 for T = 2, E for T = 1)
@@ -12,6 +13,8 @@
 //     dQ  = dS k;   dK += dS^T q                                                     (two GEMMs)
 //   scaled at the end by scale * q_scale * g, scale * k_scale * g, v_scale * g.
 //
+// bfloat16: the GEMMs take bfloat16 operands (P' and dS rounded to bfloat16, as PyTorch's flash
+// backward does) and accumulate in float32; the softmax arithmetic and the gradients are float32.
 // Both softmaxes are normalised by their own row sums, so the forward's LSE only has to be close
 // (it keeps 2^X <= 1): float64 results match the float64 reference to rounding although the LSE is
 // float32. Scope (the Python side checks it and falls back to the torch backend otherwise): no mask,
@@ -21,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -371,10 +375,14 @@ std::vector<at::Tensor> backward_impl(const Problem& pb, const at::Tensor& dout,
   const T* lsep = lse_c.data_ptr<T>();
   T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>(), *dgp = dgate.data_ptr<T>();
   const int64_t D = pb.dim, Dv = pb.dim_v;
-  at::parallel_for(0, pb.batch * pb.hq, 1, [&](int64_t begin, int64_t end) {
+  // One task per thread, each taking the next head until none is left: a thread that the OS holds
+  // back (a busy machine) does fewer heads instead of making the others wait for its fixed share.
+  const int64_t heads = pb.batch * pb.hq;
+  std::atomic<int64_t> next_head{0};
+  at::parallel_for(0, std::min<int64_t>(heads, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     SingleThreadedBlas single_threaded_blas;
     Workspace<S, T> ws(pb, mode);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh = next_head++; bh < heads; bh = next_head++) {
       const int64_t kv = (bh / pb.hq) * pb.hkv + (bh % pb.hq) / group;  // b * Hkv + h / G
       Head<S, T> h{qp + bh * pb.lq * D, kp + kv * pb.lk * D, vp + kv * pb.lk * Dv, dop + bh * pb.lq * Dv,
                    lsep + bh * pb.lq, dqp + bh * pb.lq * D, dkp + bh * pb.lk * D, dvp + bh * pb.lk * Dv,
