@@ -202,8 +202,8 @@ class TinyGPT(nn.Module):
         self.ln_f = norm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
+        x = (self.wte(idx) if embeds is None else embeds) + self.wpe(torch.arange(idx.shape[1]))
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x)), None
@@ -730,12 +730,8 @@ def test_plain_wrapper_around_an_hf_model_matches_the_registry_path(attn):
 
 def _plain_grad(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     emb = model.wte(ids).detach().requires_grad_(True)
-    handle = model.wte.register_forward_hook(lambda _m, _a, _o: emb)
-    try:
-        logits, _ = model(ids)
-        (grad,) = torch.autograd.grad(logits[:, -1, 3].sum(), emb)
-    finally:
-        handle.remove()
+    logits, _ = model(ids, embeds=emb)
+    (grad,) = torch.autograd.grad(logits[:, -1, 3].sum(), emb)
     return grad
 
 
@@ -772,6 +768,33 @@ def test_thread_outside_gim_gets_plain_gradients_while_another_runs_gim():
     for step in range(3):
         assert torch.equal(results[("plain", step)], plain_expected)
         torch.testing.assert_close(results[("gim", step)], gim_expected, rtol=0, atol=1e-6)
+
+
+def test_concurrent_explain_calls_on_one_plain_model():
+    model = _build(TinyGPT, "eager", seed=8)
+    ids = _ids(batch=2, seed=16)
+    settings = {"gim": DEFAULTS, "plain": OFF}
+    kwargs = dict(target_token_id=3, baseline_token_id=0, embeddings=model.wte)
+    expected = {name: explain(model, ids, **kwargs, **rules) for name, rules in settings.items()}
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def run(name: str) -> None:
+        try:
+            for step in range(3):
+                barrier.wait()
+                results[(name, step)] = explain(model, ids, **kwargs, **settings[name])
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in settings]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for (name, _), got in results.items():
+        torch.testing.assert_close(got, expected[name], rtol=0, atol=1e-6)
 
 
 def test_nothing_left_active_after_the_block_or_an_error():

@@ -14,6 +14,7 @@ transformer block computed only at those rows (:mod:`fastgim.pruning`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import inspect
 import warnings
@@ -118,22 +119,37 @@ def input_embeddings(model: nn.Module, embeddings: nn.Module | None = None) -> n
     return embeddings
 
 
+#: ``(ids, emb, calls)`` of the running :func:`explain` call in this thread / task (plain-module path).
+_EMBEDDING_OUTPUT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("fastgim_embedding_output",
+                                                                                default=None)
+
+
+def _replace_embedding_output(_module: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: the calling thread's ``emb`` for its ``ids`` (other threads' calls are left alone)."""
+    current = _EMBEDDING_OUTPUT.get()
+    if current is None or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    ids, emb, calls = current
+    if args[0].shape != ids.shape or not torch.equal(args[0], ids):
+        return None
+    calls.append(True)
+    return emb
+
+
 @contextlib.contextmanager
 def _embedding_output(embeddings: nn.Module, ids: torch.Tensor, emb: torch.Tensor):
-    """While the model runs on ``ids``, ``embeddings(ids)`` returns ``emb`` (the tensor the gradient is taken at)."""
-    calls = []
+    """While the model runs on ``ids``, ``embeddings(ids)`` returns ``emb`` (the tensor the gradient is taken at).
 
-    def hook(_module, args, _output):
-        if args and isinstance(args[0], torch.Tensor) and args[0].shape == ids.shape and torch.equal(args[0], ids):
-            calls.append(True)
-            return emb
-        return None
-
-    handle = embeddings.register_forward_hook(hook)
+    The hook reads the calling thread's context, so concurrent calls on one model each get their own ``emb``.
+    """
+    calls: list[bool] = []
+    token = _EMBEDDING_OUTPUT.set((ids, emb, calls))
+    handle = embeddings.register_forward_hook(_replace_embedding_output)
     try:
         yield
     finally:
         handle.remove()
+        _EMBEDDING_OUTPUT.reset(token)
     if not calls:
         raise TypeError(
             "the model never called its token embeddings on input_ids, so no gradient reaches them; pass the "
