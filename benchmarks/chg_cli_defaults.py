@@ -6,8 +6,8 @@ model's capital-fact prompts, and record the wall time and the head taxonomy (fa
 interfering / irrelevant / ambiguous per head, from the masks' mean gates, threshold 0.5). Then:
 
 * ``seed_agreement``: fraction of heads with the same label in two seeds of one configuration;
-* ``reference_agreement``: fraction of heads with the label of the reference (``--reference``,
-  a long run, first seed only), per seed;
+* ``reference_agreement``: per seed, fraction of heads with the label that the reference
+  (``--reference``, a longer run) gives with the same seed;
 * ``works``: keeping only the facilitating heads retains over 80 % of the target log-prob gap
   between all heads on and all off (as ``benchmarks/chg_penalty.py``).
 
@@ -15,7 +15,7 @@ Threads: ``--threads`` (default 1). Both wall and CPU (process) seconds are reco
 shared machine the wall time carries the load (``os.getloadavg()`` is recorded), while the CPU
 time of one thread is what the run takes on an idle core.
 
-usage: python benchmarks/chg_cli_defaults.py [--configs 4x50+100x16,2x25+50x16] [--reference 4x300+300x16]
+usage: python benchmarks/chg_cli_defaults.py [--configs 10x50+100x8,4x50+100x16] [--reference 10x100+200x8]
                                              [--seeds 0,1] [--threads 1]
                                              [--out benchmarks/results/chg_cli_defaults.json]
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_CONFIGS = "4x50+100x16,2x25+50x16"
-DEFAULT_REFERENCE = "4x300+300x16"
+DEFAULT_CONFIGS = "10x50+100x8,4x50+100x16"
+DEFAULT_REFERENCE = "10x100+200x8"
 
 
 def parse_config(text: str) -> dict[str, int]:
@@ -120,8 +120,9 @@ def write(path: Path, report: dict) -> None:
     """Agreement of every configuration with the reference (when it has run), then the JSON."""
     reference = report["configs"].get(report["reference"])
     for entry in report["configs"].values():
-        entry["reference_agreement"] = (None if reference is None else
-                                        [agreement(labels, reference["labels"][0]) for labels in entry["labels"]])
+        entry["reference_agreement"] = (None if reference is None else  # seed i against the reference's seed i
+                                        [agreement(labels, reference["labels"][min(i, len(reference["labels"]) - 1)])
+                                         for i, labels in enumerate(entry["labels"])])
     report["loadavg_after"] = os.getloadavg()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -133,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated MASKSxUPDATES+REG_UPDATESxBATCH")
     parser.add_argument("--reference", default=DEFAULT_REFERENCE,
-                        help="the long run to compare with (first seed only; '' to skip it)")
+                        help="the longer run to compare with ('' to skip it)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "chg_cli_defaults.json")
@@ -151,7 +152,7 @@ def main() -> None:
         report["configs"] = json.loads(args.out.read_text(encoding="utf-8")).get("configs", {})
     for name in [*args.configs.split(","), args.reference]:
         if name:
-            runs = [fit(lens, dataset, parse_config(name), s) for s in (seeds if name != args.reference else seeds[:1])]
+            runs = [fit(lens, dataset, parse_config(name), s) for s in seeds]
             report["configs"][name] = describe(lens, dataset, name, runs)
             write(args.out, report)
     print(f"wrote {args.out}")

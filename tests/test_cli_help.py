@@ -54,6 +54,7 @@ def test_chg_defaults_are_the_measured_quick_ones():
     assert max(measured["cpu_seconds"]) < 120  # about a minute of one CPU thread: "a few minutes" with load
     assert min(measured["retained_gap"]) > 0.95  # the facilitating heads found carry the task
     assert measured["seed_agreement"] >= 0.65 and measured["confident_seed_agreement"][0] == 1.0
+    assert min(measured["reference_agreement"]) >= 0.8  # vs twice the updates, same seed
     description = _subparser("chg").description
     assert "benchmarks/results/chg_cli_defaults.json" in description
 

@@ -14,13 +14,14 @@ below it, irrelevant otherwise (ambiguous if both). Gates are averaged over the 
 
 The defaults are sized for a quick run. On the bundled 4-layer, 16-head model with its 565
 capital-fact prompts one run takes 52-57 s of one CPU thread (3-4.5 min wall time on a shared,
-loaded machine); keeping only the facilitating heads found retains 99.9 % of the target log-prob
-gap between all heads on and all off, and two seeds give the same label to 11 of the 16 heads,
-including every head that at least 75 % of the masks agree on in both seeds
-(benchmarks/chg_cli_defaults.py, benchmarks/results/chg_cli_defaults.json). Heads whose
-"agreement" column in taxonomy.csv is low are interchangeable: different masks use different
-ones. More masks or updates cost time in proportion. The Python API (fastgim.LensAPI.fit) keeps
-the reference CHG defaults: 10 masks, 500 updates per stage, batch 32.
+loaded machine). Keeping only the facilitating heads found retains 99.9 % of the target log-prob
+gap between all heads on and all off. With the same seed, a run with twice the updates gives the
+same label to 13 of the 16 heads; two seeds agree on 11 of 16, including every head that at least
+75 % of the masks agree on in both, and twice the updates does not change that
+(benchmarks/chg_cli_defaults.py, benchmarks/results/chg_cli_defaults.json). Heads with a low
+"agreement" column in taxonomy.csv are interchangeable: different masks use different ones.
+The Python API (fastgim.LensAPI.fit) keeps the reference CHG defaults: 10 masks, 500 updates
+per stage, batch 32.
 
 --out receives chg_masks.safetensors (the gates), chg_results.json (metrics and settings) and
 taxonomy.csv (one row per head); the summary is printed as JSON.
