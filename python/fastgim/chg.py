@@ -847,14 +847,19 @@ def classify_heads(retention: Tensor, removal: Tensor, threshold: float) -> list
 class StageMasks(dict):
     """The gates per stage, also reachable by inteprelens' stage names (``"positive"``, ``"negative"``)."""
 
+    def _key(self, stage: Any) -> Any:
+        if not isinstance(stage, str) or super().__contains__(stage):
+            return stage
+        return _STAGE_ALIASES.get(stage, stage)
+
     def __getitem__(self, stage: str) -> Tensor:
-        return super().__getitem__(_STAGE_ALIASES.get(stage, stage))
+        return super().__getitem__(self._key(stage))
 
     def __contains__(self, stage: object) -> bool:
-        return super().__contains__(_STAGE_ALIASES.get(stage, stage) if isinstance(stage, str) else stage)
+        return super().__contains__(self._key(stage))
 
     def get(self, stage: str, default: Any = None) -> Any:
-        return super().get(_STAGE_ALIASES.get(stage, stage), default)
+        return super().get(self._key(stage), default)
 
 
 @dataclass
