@@ -148,12 +148,12 @@ def test_inseq_gim_settings_reach_the_backward(default_model):
     kwargs = dict(generated_texts=PROMPT + " Paris", skip_special_tokens=True, attributed_fn="logit",
                   show_progress=False)
     default = inseq_model.attribute(PROMPT, **kwargs).sequence_attributions[0].target_attributions
-    changed = inseq_model.attribute(PROMPT, softmax_temperature=None, **kwargs)
+    changed = inseq_model.attribute(PROMPT, v_scale=None, **kwargs)
     changed = changed.sequence_attributions[0].target_attributions
     ids = tokenizer(PROMPT, add_special_tokens=False).input_ids
     paris = tokenizer(" Paris", add_special_tokens=False).input_ids[0]
     want = attribute(model, torch.tensor([ids]), tokenizer=tokenizer, target=paris, objective="logit",
-                     softmax_temperature=None).scores
+                     v_scale=None).scores
     torch.testing.assert_close(changed[: len(ids), 0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert not torch.allclose(default[: len(ids), 0], changed[: len(ids), 0])
 

@@ -23,6 +23,7 @@ Needs the optional package ``inseq`` (``pip install fastgim[inseq]``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -42,6 +43,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from fastgim.attribution import _method_gim_settings, embed, resolve_baseline
 from fastgim.gim import GIM
 from fastgim.params import no_parameter_grads
+from fastgim.pruning import target_rows_only
 from fastgim.settings import GIMSettings
 
 __all__ = ["GIMAttribution", "METHOD_NAMES"]
@@ -78,11 +80,24 @@ class _GIMTimesInput(GradientAttribution):
         )
         hf_model = self.attribution_model.model
         settings = _method_settings(self.method, {k: v for k, v in given.items() if v is not _UNSET})
-        with GIM(hf_model, **dataclasses.asdict(settings)), no_parameter_grads(hf_model):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(GIM(hf_model, **dataclasses.asdict(settings)))
+            stack.enter_context(no_parameter_grads(hf_model))
+            stack.enter_context(self._last_row_only(inputs[0], additional_forward_args))
             grads = compute_gradients(self.forward_func, inputs, target, additional_forward_args)
         input_ids = additional_forward_args[0]
         baseline_id = resolve_baseline(baseline_token_id, self.attribution_model.tokenizer, hf_model)
         return tuple(g * (x - _baseline_embeds(hf_model, input_ids, baseline_id, x)) for g, x in zip(grads, inputs))
+
+
+    def _last_row_only(self, embeds: torch.Tensor, forward_args: tuple[Any, ...] | None):
+        """fastgim's last-block pruning (as ``fastgim.attribute``): a decoder-only step reads the last row only."""
+        mask = forward_args[3] if forward_args is not None and len(forward_args) > 3 else None
+        last_is_real = mask is None or bool(torch.as_tensor(mask)[:, -1].all())
+        if self.attribution_model.is_encoder_decoder or not last_is_real:
+            return contextlib.nullcontext()
+        seq_len = embeds.shape[1]
+        return target_rows_only(self.attribution_model.model, torch.tensor([seq_len - 1]), seq_len)
 
 
 def _method_settings(method: str, overrides: dict[str, Any]) -> GIMSettings:
