@@ -119,7 +119,7 @@ def o_proj_reference_logp(model, gates, ids, position):
     for layer in range(config.num_hidden_layers):
         name = f"model.layers.{layer}.self_attn.o_proj.weight"
         params[name] = params[name] * gates[layer].repeat_interleave(head_dim)[None, :].to(params[name].dtype)
-    with fastgim.hf.use_gim_fused(model):
+    with fastgim.integrations.hf.use_gim_fused(model):
         logits = torch.func.functional_call(model, params, (ids,)).logits
     return logits[:, position].double().log_softmax(-1)
 

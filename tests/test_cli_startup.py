@@ -62,7 +62,7 @@ def test_registered_when_fastgim_comes_first_and_lazy_names() -> None:
         assert LlamaForCausalLM(config).config._attn_implementation == "gim_fused"
         import fastgim.explain  # the submodule of the same name does not replace the function
         assert isinstance(fastgim.explain, types.FunctionType) and fastgim.explain.__module__ == "fastgim.explain"
-        assert callable(fastgim.attention) and callable(fastgim.GIM) and fastgim.hf.IMPLEMENTATION == "gim_fused"
+        assert callable(fastgim.attention) and callable(fastgim.GIM) and fastgim.integrations.hf.IMPLEMENTATION == "gim_fused"
         try:
             fastgim.no_such_name
         except AttributeError as error:

@@ -174,7 +174,7 @@ def test_kept_rows_and_checkpointing_act_only_in_the_calling_thread() -> None:
 def test_attention_switch_outlives_the_first_user_to_leave() -> None:
     """CHG-style gating (hf.use_gim_fused) in one thread must not switch the model back under a GIM call."""
     import fastgim
-    from fastgim import hf
+    from fastgim.integrations import hf
 
     model = _model("sdpa")
     entered, leave, left = threading.Event(), threading.Event(), threading.Event()

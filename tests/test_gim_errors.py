@@ -255,9 +255,9 @@ def test_hooked_transformer_without_tlens_support(monkeypatch):
     class HookedTransformer(nn.Module):
         pass
 
-    monkeypatch.setitem(sys.modules, "fastgim.tlens", None)  # as if fastgim.tlens were not installed
-    with pytest.raises(TypeError, match="fastgim.tlens"):
+    monkeypatch.setitem(sys.modules, "fastgim.integrations.tlens", None)  # as if fastgim.integrations.tlens were not installed
+    with pytest.raises(TypeError, match="fastgim.integrations.tlens"):
         with GIM(HookedTransformer()):
             pass
-    with pytest.raises(TypeError, match="fastgim.tlens"):
+    with pytest.raises(TypeError, match="fastgim.integrations.tlens"):
         explain(HookedTransformer(), torch.tensor([1, 2]), baseline_token_id=0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from reference_gim import FAMILIES, VOCAB, build_model
 
-import fastgim.hf as hf
 from fastgim.checkpointing import transformer_blocks
 from fastgim.explain import explain
+from fastgim.integrations import hf
 from fastgim.pruning import LAST_QUERY_ONLY, target_rows_only
 
 explain_module = importlib.import_module("fastgim.explain")  # fastgim.explain is also the function

@@ -1,4 +1,4 @@
-"""Tests for fastgim.tlens: GIM on TransformerLens HookedTransformer models.
+"""Tests for fastgim.integrations.tlens: GIM on TransformerLens HookedTransformer models.
 
 References: gim-explain 0.1.4's TL path (gated-MLP scales off, its only difference), our HF
 path on the same weights (converted with TL's own weight conversion), and hand-written
@@ -16,8 +16,8 @@ gim_explain = pytest.importorskip("gim")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastgim  # noqa: E402
+from fastgim.integrations.tlens import GIM, explain_tlens, gim_context, is_tlens_model  # noqa: E402
 from fastgim.settings import GIMSettings  # noqa: E402
-from fastgim.tlens import GIM, explain_tlens, gim_context, is_tlens_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 VOCAB = 41

@@ -15,7 +15,7 @@ from fastgim.attribution import attribute
 from fastgim.chg import CHG, CHGDataset, CHGTrainer
 from fastgim.evaluation import evaluate
 from fastgim.explain import explain
-from fastgim.hf import head_gates
+from fastgim.integrations.hf import head_gates
 from fastgim.lens import LensAPI
 from fastgim.settings import GIMSettings
 

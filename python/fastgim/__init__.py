@@ -83,7 +83,7 @@ def __getattr__(name: str) -> Any:
     if module_name is not None:
         return getattr(importlib.import_module(module_name), name)
     if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")  # e.g. fastgim.default_model, fastgim.hf
+        return importlib.import_module(f"{__name__}.{name}")  # e.g. fastgim.default_model, fastgim.integrations
     raise AttributeError(f"module 'fastgim' has no attribute {name!r}")
 
 
@@ -112,7 +112,7 @@ _HOOKED_MODULE = "transformers.modeling_utils"  # defines AttentionInterface; ev
 
 
 def _register_with_transformers() -> None:
-    from fastgim import hf
+    from fastgim.integrations import hf
 
     hf.register()
 

@@ -2,7 +2,7 @@
 
 Each attention head ``(layer, head)`` gets a gate ``g = sigmoid(logit)`` that multiplies its
 output before the output projection. The gates reach the attention op's ``gate`` argument
-through :func:`fastgim.hf.head_gates` (fused in the kernel on GPU, the ``torch`` backend on
+through :func:`fastgim.integrations.hf.head_gates` (fused in the kernel on GPU, the ``torch`` backend on
 CPU); no forward hooks are involved. Several masks are evaluated in one pass by repeating
 the batch once per mask.
 
@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgim import hf, validation
+from fastgim import validation
+from fastgim.integrations import hf
 from fastgim.params import no_parameter_grads
 from fastgim.settings import use_settings
 

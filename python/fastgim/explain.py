@@ -232,7 +232,7 @@ def explain(
             (``None`` turns one off), as in :class:`fastgim.GIM`.
         target: for encoders without an LM head: ``callable(model outputs) -> [batch]`` scores.
         head_mask: optional ``[num_layers, num_heads]`` or ``[batch, num_layers, num_heads]`` gates on the
-            attention heads' outputs (via :func:`fastgim.hf.head_gates`).
+            attention heads' outputs (via :func:`fastgim.integrations.hf.head_gates`).
         checkpoint: recompute each transformer block in the backward instead of keeping its
             activations (:func:`fastgim.checkpointing.checkpoint_layers`): one extra forward pass of
             time for a large cut in peak memory at long context.
@@ -321,19 +321,19 @@ def _last_block_rows(model: nn.Module, keep: torch.Tensor | None, seq_len: int) 
 def _head_mask(head_mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
     if head_mask is None:
         return contextlib.nullcontext()
-    from fastgim.hf import head_gates
+    from fastgim.integrations.hf import head_gates
 
     return head_gates(head_mask)
 
 
 def _explain_tlens(model: nn.Module, input_ids: Any, *, target: Callable | None, head_mask: torch.Tensor | None,
                    checkpoint: bool, **kwargs: Any) -> torch.Tensor:
-    """``explain`` for TransformerLens models, by ``fastgim.tlens.explain_tlens``."""
+    """``explain`` for TransformerLens models, by ``fastgim.integrations.tlens.explain_tlens``."""
     try:
-        explain_tlens = importlib.import_module("fastgim.tlens").explain_tlens
+        explain_tlens = importlib.import_module("fastgim.integrations.tlens").explain_tlens
     except ImportError as error:
         raise TypeError(
-            "explain on a TransformerLens HookedTransformer needs fastgim.tlens, which is not available in this "
+            "explain on a TransformerLens HookedTransformer needs fastgim.integrations.tlens, which is not available in this "
             "installation; use the Hugging Face model instead"
         ) from error
     if target is not None or head_mask is not None or checkpoint:

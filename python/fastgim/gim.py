@@ -37,7 +37,8 @@ from types import TracebackType
 
 from torch import nn
 
-from fastgim import function_mode, hf
+from fastgim import function_mode
+from fastgim.integrations import hf
 from fastgim.mlp_patching import patch_gated_mlps
 from fastgim.norm_patching import patch_norms
 from fastgim.settings import (
@@ -70,9 +71,9 @@ _ACTIVE_MODELS: contextvars.ContextVar[tuple[tuple[nn.Module, GIMSettings], ...]
 
 
 def _tlens_module():
-    """``fastgim.tlens`` or None where this installation lacks it."""
+    """``fastgim.integrations.tlens`` or None where this installation lacks it."""
     try:
-        return importlib.import_module("fastgim.tlens")
+        return importlib.import_module("fastgim.integrations.tlens")
     except ImportError:
         return None
 
@@ -139,7 +140,7 @@ class GIM:
         model: a transformers model whose attention routes through ``AttentionInterface``
             (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-2, GPT-NeoX, OLMo2, BERT, MoE families, ...:
             the ``gim_fused`` registry path), a TransformerLens ``HookedTransformer`` (handled by
-            ``fastgim.tlens`` when installed), or any other ``nn.Module`` whose attention calls
+            ``fastgim.integrations.tlens`` when installed), or any other ``nn.Module`` whose attention calls
             ``F.scaled_dot_product_attention`` or a softmax over ``q @ k^T`` scores (StableLm, Falcon, Bloom,
             nanoGPT-style models, ...: the thread-local function mode, :mod:`fastgim.function_mode`).
         freeze_norm: treat norm statistics as constants in the backward (False / None: off).
@@ -224,7 +225,7 @@ class GIM:
         tlens = _tlens_module()
         if tlens is None:
             raise TypeError(
-                "GIM on a TransformerLens HookedTransformer needs fastgim.tlens, which is not available in this "
+                "GIM on a TransformerLens HookedTransformer needs fastgim.integrations.tlens, which is not available in this "
                 "installation; use the Hugging Face model instead (e.g. AutoModelForCausalLM.from_pretrained)"
             )
         return tlens.gim_context(self.model, self.settings)
