@@ -61,4 +61,6 @@ else
 fi
 python -m pip install -q -c "$pins" "torch==$TORCH_VERSION"
 python -m pip install -q -c "$pins" "${upgrade[@]}" -e ".[$EXTRAS]"
+# inseq for tests/test_integrations.py, without its declared CUDA 11 libraries and old typeguard (see pyproject.toml).
+python -m pip install -q -c "$pins" "${upgrade[@]}" --no-deps inseq
 printf "%s\n%s\n" "$stamp" "$EXTRAS" > "$stamp_file"

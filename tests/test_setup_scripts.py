@@ -55,6 +55,7 @@ def test_installs_from_the_constraints_and_only_when_something_changed(repo: Pat
     assert first == [
         "pip install -q -c .venv/fastgim-constraints.txt torch==2.13.0",
         "pip install -q -c .venv/fastgim-constraints.txt -e .[test,tlens]",
+        "pip install -q -c .venv/fastgim-constraints.txt --no-deps inseq",
     ]
     pins = [p for p in (repo / ".venv" / "fastgim-constraints.txt").read_text().splitlines() if not p.startswith("#")]
     assert any(p.startswith("transformers==") for p in pins)
@@ -63,15 +64,16 @@ def test_installs_from_the_constraints_and_only_when_something_changed(repo: Pat
     assert _setup(repo) == []  # fewer extras than installed (explain.sh after test.sh)
     with open(repo / "constraints.txt", "a") as handle:
         handle.write("tqdm==4.67.1\n")
-    assert len(_setup(repo)) == 2  # the constraints changed: install again
+    assert len(_setup(repo)) == 3  # the constraints changed: install again
     assert _setup(repo) == []
-    assert len(_setup(repo, extras="tlens")) == 2  # an extra not installed yet
+    assert len(_setup(repo, extras="tlens")) == 3  # an extra not installed yet
 
 
 def test_latest_ignores_the_constraints_and_always_upgrades(repo: Path) -> None:
     shutil.copytree(repo / ".venv", repo / ".venv-latest")
     calls = _setup(repo, "--latest")
-    assert calls[-1] == "pip install -q -c .venv-latest/fastgim-constraints.txt --upgrade --upgrade-strategy eager -e .[test]"
+    assert calls[-2] == "pip install -q -c .venv-latest/fastgim-constraints.txt --upgrade --upgrade-strategy eager -e .[test]"
+    assert calls[-1] == "pip install -q -c .venv-latest/fastgim-constraints.txt --upgrade --upgrade-strategy eager --no-deps inseq"
     assert (repo / ".venv-latest" / "fastgim-constraints.txt").read_text() == "torch==2.13.0\n"
     assert len(_setup(repo, "--latest")) == len(calls)
     with pytest.raises(subprocess.CalledProcessError):
