@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import linecache
 import re
 from pathlib import Path
 
@@ -50,5 +51,11 @@ def test_readme_block_runs(line: int, code: str) -> None:
     if missing:
         pytest.skip(f"README.md:{line} needs {', '.join(missing)} (marked '# needs:' in the block)")
     namespace = {"__name__": f"readme_line_{line}"}
-    with contextlib.redirect_stdout(io.StringIO()):  # an exception fails the test, with README.md:<line> in it
-        exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    filename = f"README.md:{line}"
+    # Tools that read their caller's source back (nnsight's trace blocks) find it through linecache.
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # an exception fails the test, with README.md:<line> in it
+            exec(compile(code, filename, "exec"), namespace)
+    finally:
+        linecache.cache.pop(filename, None)
