@@ -104,6 +104,14 @@ def summary(results: list) -> dict:
     }
 
 
+def _priority(job) -> tuple:
+    """Compile order (an interrupted run keeps the most telling part): norms, then bf16 / fp16 at head_dim 128,
+    head_dim 256, head_dim 64, fp32 last."""
+    if job.kernel not in ("fwd", "dq", "dkdv"):
+        return (0,)
+    return (job.dtype == "fp32", {128: 1, 256: 2, 64: 3}[job.size], job.dtype)
+
+
 def _reusable(path: Path | None, hashes: dict) -> dict:
     """Results of ``path`` for jobs whose kernel source hash is unchanged (errors are compiled again)."""
     from fastgim.kernels.aot import Result
@@ -118,6 +126,22 @@ def _reusable(path: Path | None, hashes: dict) -> dict:
     return out
 
 
+def _write(args: argparse.Namespace, jobs: list, done: dict, hashes: dict, start: float, version: str) -> dict:
+    """Summary of the results so far; written with the per-compile records to --json / --markdown."""
+    results = [done[job] for job in jobs if job in done]
+    info = summary(results)
+    info.update(complete=len(results) == len(jobs), pending=len(jobs) - len(results), triton=version,
+                seconds=round(time.perf_counter() - start),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                host=platform.node(), load_average=os.getloadavg())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        records = [dict(r.as_dict(), source=hashes[r.job]) for r in results]
+        args.json.write_text(json.dumps({"summary": info, "compiles": records}, indent=1))
+        args.markdown.write_text(f"# Compile report\n\n```json\n{json.dumps(info, indent=1)}\n```\n\n{table(results)}\n")
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import triton
@@ -127,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = build_jobs(args)
     hashes = {job: aot.source_hash(job) for job in jobs}
     reused = _reusable(args.reuse, hashes)
-    todo = [job for job in jobs if job not in reused]
+    todo = sorted((job for job in jobs if job not in reused), key=_priority)
     print(f"{len(jobs)} compiles ({len(jobs) - len(todo)} reused), {args.workers} workers", file=sys.stderr)
     start = time.perf_counter()
     fresh = {}
@@ -136,20 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         flag = "ERROR" if result.error else "SPILL" if result.spills else ""
         print(f"[{i}/{len(todo)}] {result.job.label()} regs={result.regs} spill={result.spills} "
               f"smem={_kib(result.shared)}KiB {flag}", file=sys.stderr, flush=True)
-    results = [fresh.get(job) or reused[job] for job in jobs]
-    info = summary(results)
-    info.update(triton=triton.__version__, seconds=round(time.perf_counter() - start),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                host=platform.node(), load_average=os.getloadavg())
+        if args.json and i % 25 == 0:  # a partial report survives an interrupted run (--reuse resumes it)
+            _write(args, jobs, {**reused, **fresh}, hashes, start, triton.__version__)
+    info = _write(args, jobs, {**reused, **fresh}, hashes, start, triton.__version__)
     print(json.dumps(info, indent=1))
-    markdown = table(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        records = [dict(r.as_dict(), source=hashes[r.job]) for r in results]
-        args.json.write_text(json.dumps({"summary": info, "compiles": records}, indent=1))
-        args.markdown.write_text(f"# Compile report\n\n```json\n{json.dumps(info, indent=1)}\n```\n\n{markdown}\n")
-    else:
-        print(markdown)
+    if not args.json:
+        print(table([{**reused, **fresh}[job] for job in jobs]))
     return 1 if info["errors"] else 0
 
 
