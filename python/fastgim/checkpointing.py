@@ -86,9 +86,14 @@ def _cache_carriers(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if hasattr(getattr(module, "config", None), "use_cache")]
 
 
-def _no_cache_by_default(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: ``use_cache=False`` unless the caller chose, in calls that checkpoint ``module``."""
-    if id(module) not in _CHECKPOINTED.get() or kwargs.get("use_cache") is not None:
+def _no_cache_by_default(module: nn.Module, args: tuple, kwargs: dict | None = None):
+    """Forward pre-hook: ``use_cache=False`` unless the caller chose, in calls that checkpoint ``module``.
+
+    ``kwargs`` is None when another thread's forward reads the module's hooks while this hook is being
+    registered (PyTorch adds it to the hooks before marking it as taking kwargs); such a call is not one
+    that checkpoints (the calling thread registers the hook before its own forward), so it is left alone.
+    """
+    if kwargs is None or id(module) not in _CHECKPOINTED.get() or kwargs.get("use_cache") is not None:
         return None
     if "use_cache" not in inspect.signature(module.forward).parameters:
         return None
