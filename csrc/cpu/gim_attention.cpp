@@ -22,12 +22,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -224,6 +227,39 @@ int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 // One BLAS thread on this thread while alive: the GEMMs run inside our own parallel loop, and MKL's
 // nested teams (torch sets MKL's global thread count) spin-wait against it on a busy machine.
+// Runs work() on n threads (this one included) and rethrows the first exception. Not at::parallel_for: its
+// OpenMP body is inlined into this file, which is built without -fopenmp, so it would run on one thread.
+template <typename F>
+void run_on_threads(int64_t n, const F& work) {
+  if (n <= 1) {
+    work();
+    return;
+  }
+  const at::ThreadLocalState state;
+  std::vector<std::exception_ptr> errors(n);
+  std::vector<std::thread> threads;
+  threads.reserve(n - 1);
+  for (int64_t i = 1; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      at::ThreadLocalStateGuard guard(state);
+      try {
+        work();
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    });
+  }
+  try {
+    work();
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& thread : threads) thread.join();
+  for (auto& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+}
+
 struct SingleThreadedBlas {
   int previous = 0;
   SingleThreadedBlas() {
@@ -379,7 +415,7 @@ std::vector<at::Tensor> backward_impl(const Problem& pb, const at::Tensor& dout,
   // back (a busy machine) does fewer heads instead of making the others wait for its fixed share.
   const int64_t heads = pb.batch * pb.hq;
   std::atomic<int64_t> next_head{0};
-  at::parallel_for(0, std::min<int64_t>(heads, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  run_on_threads(std::min<int64_t>(heads, at::get_num_threads()), [&] {
     SingleThreadedBlas single_threaded_blas;
     Workspace<S, T> ws(pb, mode);
     for (int64_t bh = next_head++; bh < heads; bh = next_head++) {
