@@ -60,10 +60,10 @@ else
   upgrade=()
 fi
 python -m pip install -q -c "$pins" "torch==$TORCH_VERSION"
-python -m pip install -q -c "$pins" "${upgrade[@]}" -e ".[$EXTRAS]"
+# --no-warn-conflicts: pip would list inseq's declared requirements that are deliberately not installed (below).
+python -m pip install -q --no-warn-conflicts -c "$pins" "${upgrade[@]}" -e ".[$EXTRAS]"
 # inseq for tests/test_integrations.py, without its declared CUDA 11 libraries and old typeguard (see pyproject.toml).
-# pip then lists inseq's unmet declared requirements; that list is expected, so it is shown only on failure.
-if ! log=$(python -m pip install -q -c "$pins" "${upgrade[@]}" --no-deps inseq 2>&1); then
+if ! log=$(python -m pip install -q --no-warn-conflicts -c "$pins" "${upgrade[@]}" --no-deps inseq 2>&1); then
   echo "$log" >&2
   exit 1
 fi

@@ -54,8 +54,8 @@ def test_installs_from_the_constraints_and_only_when_something_changed(repo: Pat
     first = _setup(repo, extras="tlens")
     assert first == [
         "pip install -q -c .venv/fastgim-constraints.txt torch==2.13.0",
-        "pip install -q -c .venv/fastgim-constraints.txt -e .[test,tlens]",
-        "pip install -q -c .venv/fastgim-constraints.txt --no-deps inseq",
+        "pip install -q --no-warn-conflicts -c .venv/fastgim-constraints.txt -e .[test,tlens]",
+        "pip install -q --no-warn-conflicts -c .venv/fastgim-constraints.txt --no-deps inseq",
     ]
     pins = [p for p in (repo / ".venv" / "fastgim-constraints.txt").read_text().splitlines() if not p.startswith("#")]
     assert any(p.startswith("transformers==") for p in pins)
@@ -72,8 +72,14 @@ def test_installs_from_the_constraints_and_only_when_something_changed(repo: Pat
 def test_latest_ignores_the_constraints_and_always_upgrades(repo: Path) -> None:
     shutil.copytree(repo / ".venv", repo / ".venv-latest")
     calls = _setup(repo, "--latest")
-    assert calls[-2] == "pip install -q -c .venv-latest/fastgim-constraints.txt --upgrade --upgrade-strategy eager -e .[test]"
-    assert calls[-1] == "pip install -q -c .venv-latest/fastgim-constraints.txt --upgrade --upgrade-strategy eager --no-deps inseq"
+    assert calls[-2] == (
+        "pip install -q --no-warn-conflicts -c .venv-latest/fastgim-constraints.txt --upgrade --upgrade-strategy eager "
+        "-e .[test]"
+    )
+    assert calls[-1] == (
+        "pip install -q --no-warn-conflicts -c .venv-latest/fastgim-constraints.txt --upgrade --upgrade-strategy eager "
+        "--no-deps inseq"
+    )
     assert (repo / ".venv-latest" / "fastgim-constraints.txt").read_text() == "torch==2.13.0\n"
     assert len(_setup(repo, "--latest")) == len(calls)
     with pytest.raises(subprocess.CalledProcessError):
