@@ -5,33 +5,34 @@ Every name here is fastgim's own object (no copies); the top-level names are als
 ("Coming from inteprelens").
 """
 
-from fastgim.chg import (
+from fastgim.chg import CausalCircuitAttribution, CHGDataset, CHGResults, MaskedSequenceDataset
+from fastgim.inteprelens.core import (
+    ALL_SITES,
     CHG,
-    CausalCircuitAttribution,
-    CHGDataset,
-    CHGResults,
+    GLOBAL_SITES,
+    LAYER_SITES,
+    SITE_SPECS,
     CHGTrainer,
-    MaskedSequenceDataset,
-)
-from fastgim.hooks import (
+    InterventionSpec,
+    LayerSiteKey,
+    SiteRequest,
+    TokenScores,
+    TraceResult,
+    TransformerTracer,
+    apply_interventions,
+    apply_temperature,
     autograd_node_hook,
     capture_backward_pre,
     capture_gradients,
     capture_kwargs_hook,
-    tensor_grad_hook,
-)
-from fastgim.interventions import InterventionSpec, apply_interventions
-from fastgim.lens import LensAPI
-from fastgim.scoring import (
-    apply_temperature,
     gather_token_scores,
     logits_to_log_probs,
     logits_to_probs,
     select_final_token,
+    tensor_grad_hook,
 )
+from fastgim.lens import LensAPI
 from fastgim.sentence_spans import aggregate_to_sentences, get_sentence_token_spans
-from fastgim.sites import ALL_SITES, GLOBAL_SITES, LAYER_SITES, SITE_SPECS
-from fastgim.tracing import LayerSiteKey, SiteRequest, TokenScores, TraceResult, TransformerTracer
 
 __all__ = [
     "LensAPI", "CHG", "CHGTrainer", "TransformerTracer", "TraceResult", "SiteRequest", "LayerSiteKey", "ALL_SITES",
