@@ -1,5 +1,6 @@
 """``inteprelens.core.trainer``."""
 
-from fastgim.chg import CHGTrainer
+from fastgim.adapters import ModelAdapter
+from fastgim.chg import CHG, CHGTrainer, MaskedSequenceDataset
 
 __all__ = ["CHGTrainer"]
