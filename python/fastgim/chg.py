@@ -845,6 +845,17 @@ def classify_heads(retention: Tensor, removal: Tensor, threshold: float) -> list
     return labels
 
 
+class HeadList(list):
+    """A list of ``(layer, head)`` pairs with pandas' ``head(n)``, as inteprelens' README calls it.
+
+    (inteprelens 0.2.1 returns a plain list there, so its own quick start stops at ``.head()``.)
+    """
+
+    def head(self, n: int = 5) -> HeadList:
+        """The first ``n`` pairs (all but the last ``-n`` for negative ``n``, as in pandas)."""
+        return HeadList(self[:n])
+
+
 class StageMasks(dict):
     """The gates per stage, also reachable by inteprelens' stage names (``"positive"``, ``"negative"``)."""
 
@@ -943,8 +954,8 @@ class CHGResults:
         return value
 
     @staticmethod
-    def _heads(gates: Tensor, threshold: float) -> list[tuple[int, int]]:
-        return [(int(layer), int(head)) for layer, head in (gates >= threshold).nonzero().tolist()]
+    def _heads(gates: Tensor, threshold: float) -> HeadList:
+        return HeadList((int(layer), int(head)) for layer, head in (gates >= threshold).nonzero().tolist())
 
     # ---- head sets
     def necessary_heads(self, threshold: float | None = None, mask_idx: int | None = None) -> list[tuple[int, int]]:
