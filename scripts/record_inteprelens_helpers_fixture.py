@@ -66,6 +66,8 @@ def record_formatters(formatters, model_dir: str) -> dict:
     hub.load_dataset = lambda name, split: cases.math_rows()
     sys.modules["datasets"] = hub
     out["load_math_dataset"] = [cases.run_math(formatters, tokenizer(), i) for i in range(len(cases.MATH_CASES))]
+    hub.load_dataset = lambda name, split: cases.math_rows(30)
+    out["load_math_rounding"] = cases.frame_record(formatters.load_math_dataset(tokenizer(), **cases.ROUNDING_CASE)[0])
     return out
 
 

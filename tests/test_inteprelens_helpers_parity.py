@@ -33,6 +33,8 @@ from fastgim.inteprelens.utils import sentence_spans as spans
 
 RECORD = torch.load(Path(__file__).parent / "fixtures" / "inteprelens_0_2_1_helpers.pt", weights_only=True)
 HELPERS, FORMATTERS = RECORD["helpers"], RECORD["formatters"]
+# Keyword parameters fastgim adds (after inteprelens' own, with defaults): a documented option each
+SIGNATURE_EXTENSIONS = {"load_math_dataset": [["split_rounding", "POSITIONAL_OR_KEYWORD", "'exact'"]]}
 MIRRORED = ([(helpers, fastgim.utils, name) for name in cases.HELPER_NAMES]
             + [(formatters, fastgim.fewshot, name) for name in cases.FORMATTER_NAMES]
             + [(spans, fastgim.sentence_spans, "get_sentence_token_spans_from_pretokenized")])
@@ -90,7 +92,7 @@ def test_mirror_aliases_fastgim_function_with_inteprelens_signature(mirror, home
     function = getattr(mirror, name)
     assert function is getattr(home, name) and name in mirror.__all__
     signature = [[p.name, p.kind.name, repr(p.default)] for p in inspect.signature(function).parameters.values()]
-    assert signature == RECORD["signatures"][name]
+    assert signature == RECORD["signatures"][name] + SIGNATURE_EXTENSIONS.get(name, [])
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -314,6 +316,34 @@ def test_load_math_dataset_lengths_cache_round_trip(tokenizer, hub, tmp_path):
     assert_same(second[:3], FORMATTERS["load_math_dataset"][0][:3])
 
 
+@pytest.mark.parametrize("num_train,num_validation,problems", [(7, 15, 30), (7, 15, 20), (0, 3, 12), (5, 0, 12),
+                                                                 (8, 31, 60)])
+def test_load_math_dataset_gives_the_requested_split_sizes(num_train, num_validation, problems, tokenizer):
+    table = pd.DataFrame(cases.math_rows(problems))
+    kwargs = {**cases.ROUNDING_CASE, "num_train": num_train, "num_validation": num_validation}
+    df = formatters.load_math_dataset(tokenizer, dataset_name=table, **kwargs)[0]
+    rest = len(df)  # every selected problem but the one example
+    expected = num_validation if rest == num_train + num_validation else rest * num_validation // (
+        num_train + num_validation)
+    assert (df["split"] == "validation").sum() == expected and (df["split"] == "train").sum() == rest - expected
+
+
+def test_load_math_dataset_inteprelens_split_rounding(tokenizer):
+    table = pd.DataFrame(cases.math_rows(30))
+    recorded = FORMATTERS["load_math_rounding"]
+    inteprelens = formatters.load_math_dataset(tokenizer, dataset_name=table, split_rounding="inteprelens",
+                                               **cases.ROUNDING_CASE)[0]
+    assert cases.frame_record(inteprelens) == recorded
+    exact = formatters.load_math_dataset(tokenizer, dataset_name=table, **cases.ROUNDING_CASE)[0]
+    exact_splits, inteprelens_splits = (dict(zip(df["prompt"], df["split"])) for df in (exact, inteprelens))
+    assert exact_splits.keys() == inteprelens_splits.keys()  # zero-shot: one prompt per question
+    moved = [p for p in exact_splits if exact_splits[p] != inteprelens_splits[p]]
+    assert len(moved) == 1 and exact_splits[moved[0]] == "validation" and inteprelens_splits[moved[0]] == "train"
+    assert (exact["split"] == "validation").sum() == 15
+    with pytest.raises(ValueError, match="split_rounding must be"):
+        formatters.load_math_dataset(tokenizer, dataset_name=table, split_rounding="floor", **cases.ROUNDING_CASE)
+
+
 def test_load_math_dataset_offline_error_names_the_dataset(tokenizer, hub):
     def unreachable(name, split):
         raise ConnectionError("Couldn't reach the Hub (offline mode is enabled)")
@@ -331,7 +361,8 @@ def test_load_math_dataset_without_datasets_package(tokenizer, monkeypatch):
 
 @pytest.mark.parametrize("rows,kwargs,message", [
     ([{"problem": "p", "expected_answer": "1"}], {}, r"lacks \['generated_solution'\]"),
-    (cases.math_rows(), {"num_train": 0, "num_validation": 0}, "num_train \\+ num_validation > 0"),
+    (cases.math_rows(), {"num_train": 0, "num_validation": 0}, "positive sum"),
+    (cases.math_rows(), {"num_train": 5, "num_validation": -1}, "num_validation >= 0"),
 ])
 def test_load_math_dataset_rejects_bad_input(rows, kwargs, message, tokenizer):
     with pytest.raises(ValueError, match=message):

@@ -262,8 +262,8 @@ def _measure_problems(tokenizer: Any, rows: Iterable[dict[str, Any]], verbose: b
 def load_math_dataset(tokenizer: Any, dataset_name: str = "nvidia/OpenMathInstruct-2", split: str = "train_1M",
                       num_examples: int = 50, num_train: int = 50000, num_validation: int = 5000,
                       instructions: str | None = None, num_fewshot_examples: int = 1, seed: int = 0,
-                      lengths_cache_path: str | None = None, verbose: bool = True, device: str = "cpu"
-                      ) -> tuple[pd.DataFrame, Tensor, Tensor]:
+                      lengths_cache_path: str | None = None, verbose: bool = True, device: str = "cpu",
+                      split_rounding: str = "exact") -> tuple[pd.DataFrame, Tensor, Tensor]:
     """CHG's math task: the shortest OpenMathInstruct-2 problems as few-shot prompts (the CHG paper's setup).
 
     Rows with ``problem``, ``generated_solution`` and ``expected_answer`` are read from ``dataset_name``:
@@ -278,9 +278,18 @@ def load_math_dataset(tokenizer: Any, dataset_name: str = "nvidia/OpenMathInstru
     ``num_examples=num_fewshot_examples``, ``f_validation=num_validation / (num_train +
     num_validation)``, ``instructions`` default :data:`MATH_INSTRUCTIONS`).
     Returns ``(df_prompts, input_ids, loss_masks)``.
+
+    ``split_rounding``: with enough problems, ``"exact"`` (the default) gives exactly ``num_validation``
+    validation and ``num_train`` train questions (fewer problems: ``floor(rest * num_validation /
+    (num_train + num_validation))`` validation). ``"inteprelens"`` reproduces inteprelens, whose
+    float fraction loses one validation question for some counts (``num_train=7, num_validation=15``:
+    14 and 8), the only difference between the two.
     """
-    if num_train + num_validation <= 0:
-        raise ValueError(f"load_math_dataset needs num_train + num_validation > 0, got {num_train}, {num_validation}")
+    if min(num_train, num_validation) < 0 or num_train + num_validation == 0:
+        raise ValueError(f"load_math_dataset needs num_train, num_validation >= 0 with a positive sum, got "
+                         f"{num_train}, {num_validation}")
+    if split_rounding not in ("exact", "inteprelens"):
+        raise ValueError(f"split_rounding must be 'exact' or 'inteprelens', got {split_rounding!r}")
     cache = Path(lengths_cache_path) if lengths_cache_path else None
     if cache is not None and cache.exists():
         if verbose:
@@ -308,8 +317,18 @@ def load_math_dataset(tokenizer: Any, dataset_name: str = "nvidia/OpenMathInstru
     if verbose:
         print(f"Selected {len(df_problems)} shortest problems")
         print(f"  Length range: {df_problems['length'].min()} - {df_problems['length'].max()}")
+    f_validation = num_validation / (num_train + num_validation)
+    if split_rounding == "exact":
+        f_validation = _exact_fraction(len(df_problems) - min(num_examples, len(df_problems)), num_train,
+                                       num_validation)
     return create_fewshot_dataset(
         tokenizer=tokenizer, questions=df_problems["problem"].tolist(), targets=df_problems["solution"].tolist(),
         instructions=MATH_INSTRUCTIONS if instructions is None else instructions, example_set_size=num_examples,
-        num_examples=num_fewshot_examples, f_validation=num_validation / (num_train + num_validation), seed=seed,
-        verbose=verbose, device=device)
+        num_examples=num_fewshot_examples, f_validation=f_validation, seed=seed, verbose=verbose, device=device)
+
+
+def _exact_fraction(rest: int, num_train: int, num_validation: int) -> float:
+    """An ``f_validation`` for which :func:`assign_split`'s ``int(rest * f)`` is exactly
+    ``floor(rest * num_validation / (num_train + num_validation))`` (integer arithmetic, no float loss)."""
+    count = rest * num_validation // (num_train + num_validation)
+    return min(1.0, (count + 0.5) / rest) if rest else 0.0

@@ -205,10 +205,10 @@ def run_fewshot(formatters, tokenizer, case: int) -> list:
     return [frame_record(df), ids, masks, text]
 
 
-def math_rows() -> list[dict]:
+def math_rows(count: int = 16) -> list[dict]:
     """OpenMathInstruct-2-shaped rows: equal lengths, empty answers, a repeated problem."""
     rows = []
-    for i in range(16):
+    for i in range(count):
         a, b = i % 5 + 1, i + 2
         rows.append({"problem": f"Compute ${a} \\times {b}$.", "generated_solution": f"${a} \\times {b} = "
                      f"{a * b}$, so the answer is $\\boxed{{{a * b}}}$." + " Check." * (i % 3),
@@ -223,6 +223,11 @@ MATH_CASES = [
      "instructions": "Solve.", "split": "train", "verbose": False},
     {"num_examples": 3, "num_train": 50, "num_validation": 10, "seed": 1},
 ]
+
+
+# 23 of 25 usable problems; inteprelens' int(22 * (15 / 22)) is 14: one validation question too few
+ROUNDING_CASE = {"num_examples": 1, "num_train": 7, "num_validation": 15, "num_fewshot_examples": 0, "seed": 0,
+                 "verbose": False}
 
 
 def run_math(formatters, tokenizer, case: int, **overrides) -> list:
