@@ -11,7 +11,8 @@ Signatures, defaults, random draws (Python's ``random``: the global generator fo
 prompts; ``fastgim.inteprelens.utils.formatters`` re-exports these functions. Differences: inputs that
 inteprelens silently misreads or fails on obscurely raise a ``ValueError`` naming the problem, the
 caller's tokenizer is not modified (the separator token is added to a copy), and
-:func:`load_math_dataset` also takes local data (see there).
+:func:`load_math_dataset` also takes local data and by default gives exactly the requested number of
+validation questions (``split_rounding="inteprelens"`` for inteprelens' count, sometimes one fewer).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """General helpers (inteprelens' ``utils.helpers``): byte formatting, seeding, devices, losses, long tables.
 
 Each function has inteprelens 0.2.1's signature, defaults and results (``fastgim.inteprelens.utils.helpers``
-re-exports them). Where inteprelens fails on an input with an unclear error, or silently misreads one,
-these raise a ``ValueError`` naming the problem instead; every input inteprelens handles gives its result.
+re-exports them). Where inteprelens fails on an input with an unclear error, or silently misreads one
+(``to_long_df`` columns whose shape does not match the array's leading dimensions), these raise a
+``ValueError`` naming the problem instead. Beyond inteprelens: ``cross_entropy`` also takes 1-D logits
+and class-probability targets (on the last axis), ``to_long_df`` bfloat16 tensors and lists.
 """
 
 from __future__ import annotations
