@@ -385,3 +385,11 @@ def test_get_sentence_token_spans_from_pretokenized(case, tokenizer):
     for (start, end), sentence in zip(result, sentences):
         expected = tokenizer(sentence, add_special_tokens=special)["input_ids"] if sentence.strip() else []
         assert input_ids[start:end].tolist() == expected
+
+
+def test_importing_the_mirror_modules_leaves_pandas_unimported():
+    import subprocess
+
+    code = ("import sys, fastgim.inteprelens.utils.formatters, fastgim.inteprelens.utils.helpers; "
+            "print('pandas' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -21,13 +21,15 @@ import itertools
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from torch import Tensor
 
 from fastgim.chg_compat import INTEPRELENS_MARKER, PromptTokenizer, marked_pair, marked_tokenizer
 from fastgim.progress import progress_bar
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported when used: importing fastgim.inteprelens stays free of pandas
 
 __all__ = ["generate_prompt_permutations", "assign_split", "create_prompts", "create_fewshot_dataset",
            "load_math_dataset", "MATH_INSTRUCTIONS"]
@@ -105,6 +107,8 @@ def assign_split(df_questions: pd.DataFrame, num_examples: int, f_validation: fl
 
 
 def _query_block(row: dict[str, Any], question_prefix: str, answer_prefix: str) -> str:
+    import pandas as pd
+
     lines = [f"{question_prefix}{row['question']}"]
     if pd.notna(row.get("options")):
         lines.append(row["options"])
@@ -121,6 +125,8 @@ def create_prompts(df_questions: pd.DataFrame, num_examples: int, format_example
     by ``sep``, then ``sep`` and ``question_prefix + question`` / options / ``answer_prefix`` lines.
     Draws come from ``random.Random(seed)``; train rows first, then validation, in frame order.
     """
+    import pandas as pd
+
     missing = {"question", "target", "split"} - set(df_questions.columns)
     if missing:
         raise ValueError(f"create_prompts needs columns {sorted(missing)} (assign_split adds 'split')")
@@ -149,6 +155,8 @@ def _example_formatter(question_prefix: str, answer_prefix: str, with_options: b
 
 def _question_frame(questions: list[str], targets: list, max_permutations: int | None, verbose: bool
                     ) -> tuple[pd.DataFrame, bool]:
+    import pandas as pd
+
     if len(questions) != len(targets):
         raise ValueError(f"questions and targets must have the same length, got {len(questions)} and {len(targets)}")
     if not (len(targets) > 0 and isinstance(targets[0], dict)):
@@ -202,6 +210,8 @@ def create_fewshot_dataset(tokenizer: Any, questions: list[str], targets: list[s
 
 
 def _read_local_file(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".json": pd.read_json,
                ".jsonl": lambda p: pd.read_json(p, lines=True)}
     if path.suffix not in readers:
@@ -211,6 +221,8 @@ def _read_local_file(path: Path) -> pd.DataFrame:
 
 def _math_rows(dataset_name: Any, split: str) -> Iterable[dict[str, Any]]:
     """The problems: an in-memory table as given, a local file, else ``datasets.load_dataset(name, split)``."""
+    import pandas as pd
+
     if isinstance(dataset_name, pd.DataFrame):
         return dataset_name.to_dict("records")
     if not isinstance(dataset_name, (str, Path)):
@@ -247,6 +259,8 @@ def _pair_lengths(tokenizer: Any, problems: list[str], solutions: list[str]) -> 
 
 def _measure_problems(tokenizer: Any, rows: Iterable[dict[str, Any]], verbose: bool) -> pd.DataFrame:
     """``problem``, ``solution``, ``answer`` and ``length`` columns (inteprelens' lengths cache)."""
+    import pandas as pd
+
     table = []
     for item in progress_bar(rows, desc="Reading problems", enabled=None if verbose else False):
         missing = {"problem", "generated_solution"} - set(item)
@@ -286,6 +300,8 @@ def load_math_dataset(tokenizer: Any, dataset_name: str = "nvidia/OpenMathInstru
     float fraction loses one validation question for some counts (``num_train=7, num_validation=15``:
     14 and 8), the only difference between the two.
     """
+    import pandas as pd
+
     if min(num_train, num_validation) < 0 or num_train + num_validation == 0:
         raise ValueError(f"load_math_dataset needs num_train, num_validation >= 0 with a positive sum, got "
                          f"{num_train}, {num_validation}")
