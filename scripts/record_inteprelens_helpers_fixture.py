@@ -81,7 +81,7 @@ def main(model_dir: str, out_dir: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     record = {
         "inteprelens_version": version("inteprelens"), "torch_version": str(torch.__version__),
-        "numpy_version": np.__version__,
+        "numpy_version": np.__version__, "tie_order": cases.tie_order(),
         "signatures": {name: signature_of(getattr(module, name)) for module, names in
                        [(helpers, cases.HELPER_NAMES), (formatters, cases.FORMATTER_NAMES),
                         (spans, ["get_sentence_token_spans_from_pretokenized"])] for name in names},

@@ -114,9 +114,9 @@ def run_devices(helpers) -> tuple[list, list]:
     return devices, checks
 
 
+# len(country) + 2 * len(capital) differs between countries: no two multiple-choice questions are equally long
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Peru": "Lima", "Chad": "N'Djamena",
-            "Cuba": "Havana", "Iran": "Tehran", "Mali": "Bamako", "Oman": "Muscat", "Laos": "Vientiane",
-            "Fiji": "Suva", "Togo": "Lome"}
+            "Japan": "Tokyo", "Kenya": "Nairobi", "Chile": "Santiago"}
 PERMUTATION_CASES = [
     ("  What is the capital of France? ", {"Paris": 1, "London": 0, "Berlin": 0}, None),
     ("  What is the capital of France? ", {"Paris": 1, "London": 0, "Berlin": 0}, 4),
@@ -133,10 +133,16 @@ def run_permutations(formatters, case: int) -> list:
     return [formatters.generate_prompt_permutations(*PERMUTATION_CASES[case]), random.random()]
 
 
-def frq_frame(count: int = 40) -> pd.DataFrame:
-    """Free-response questions with many equal lengths (ties) and one question asked twice."""
-    rows = [{"question": f"Add {i % 7} and {i}?", "target": str(i % 7 + i)} for i in range(count)]
-    rows.append({"question": "Add 1 and 1?", "target": "two"})
+def frq_frame(count: int = 40, ties: bool = False) -> pd.DataFrame:
+    """Free-response questions, one of them asked twice with another answer.
+
+    Without ``ties`` every question's length plus its first answer's differs (padded by a permutation
+    of ``"!"`` runs), so the shortest questions are the same on every machine. With ``ties`` many are
+    equally long: which of them become examples then depends on numpy's unstable sort, as in inteprelens.
+    """
+    rows = [{"question": f"Add {i % 7} and {i}?" + ("" if ties else "!" * (3 * ((i * 17) % count))),
+             "target": str(i % 7 + i)} for i in range(count)]
+    rows.append({"question": rows[1]["question"], "target": "two"})
     return pd.DataFrame(rows)
 
 
@@ -151,9 +157,22 @@ def mcq_frame() -> pd.DataFrame:
 
 
 def assign_split_inputs() -> list[tuple[pd.DataFrame, int, float, int]]:
+    """The last case has equally long questions at the example cut (see :data:`TIE_CASES`)."""
     return [(frq_frame(), 3, 0.1, 0), (frq_frame(), 5, 0.5, 7), (frq_frame(12), 0, 0.25, 1),
             (frq_frame(), 50, 0.1, 0), (frq_frame(), 2, 0.0, 3), (frq_frame(), 2, 1.0, 3), (mcq_frame(), 2, 0.3, 4),
-            (frq_frame(6).drop(columns=["target"]).assign(options="A. x"), 1, 0.5, 2)]
+            (frq_frame(6).drop(columns=["target"]).assign(options="A. x"), 1, 0.5, 2),
+            (frq_frame(ties=True), 5, 0.5, 7)]
+
+
+# Cases whose result depends on how numpy's quicksort (pandas' default sort) orders equal keys, which
+# varies with numpy's CPU dispatch (AVX-512, AVX2, ...): compared only where TIE_PROBES sort as recorded.
+TIE_CASES = {"assign_split": {8}}
+TIE_PROBES = [np.random.default_rng(n).integers(0, 4, n) for n in (8, 12, 17, 40, 100, 1000)]
+
+
+def tie_order() -> list[list[int]]:
+    """How this machine's ``np.argsort(kind="quicksort")`` orders equal keys, on :data:`TIE_PROBES`."""
+    return [np.argsort(probe, kind="quicksort").tolist() for probe in TIE_PROBES]
 
 
 def format_example(example: dict) -> str:
@@ -184,8 +203,11 @@ def create_prompts_inputs() -> list[dict]:
     ]
 
 
-ARITHMETIC = [(f"What is {a} plus {b}?", str(a + b)) for a, b in [(2, 2), (10, 5), (7, 8), (1, 99), (12, 30),
-                                                                   (3, 4), (100, 1), (6, 6), (0, 0), (9, 1)]]
+# question + answer lengths all differ (no ties in assign_split's sort)
+ARITHMETIC = [("What is 2 plus 2?", "4"), ("Add 10 and 5.", "15"), ("What is seven plus eight?", "15"),
+              ("Sum of 1 and 99?", "100"), ("What do you get from 12 + 30?", "42"), ("3 + 4 =", "7"),
+              ("What is one hundred plus one?", "101"), ("Double 6?", "12"),
+              ("What is zero plus zero, exactly?", "0"), ("Nine plus one?", "10")]
 FEWSHOT_CASES = [
     {"questions": [q for q, _ in ARITHMETIC], "targets": [t for _, t in ARITHMETIC], "instructions": "Compute.",
      "example_set_size": 3, "f_validation": 0.3, "seed": 0},
@@ -206,12 +228,13 @@ def run_fewshot(formatters, tokenizer, case: int) -> list:
 
 
 def math_rows(count: int = 16) -> list[dict]:
-    """OpenMathInstruct-2-shaped rows: equal lengths, empty answers, a repeated problem."""
+    """OpenMathInstruct-2-shaped rows: empty answers, a repeated problem, all lengths different (no ties)."""
     rows = []
     for i in range(count):
         a, b = i % 5 + 1, i + 2
+        padding = " Checked." * ((i * 7) % count)
         rows.append({"problem": f"Compute ${a} \\times {b}$.", "generated_solution": f"${a} \\times {b} = "
-                     f"{a * b}$, so the answer is $\\boxed{{{a * b}}}$." + " Check." * (i % 3),
+                     f"{a * b}$, so the answer is $\\boxed{{{a * b}}}$.{padding}",
                      "expected_answer": "" if i % 6 == 5 else str(a * b)})
     rows.append(dict(rows[2], generated_solution="Repeated: \\boxed{9}."))
     return rows
@@ -223,7 +246,6 @@ MATH_CASES = [
      "instructions": "Solve.", "split": "train", "verbose": False},
     {"num_examples": 3, "num_train": 50, "num_validation": 10, "seed": 1},
 ]
-
 
 # 23 of 25 usable problems; inteprelens' int(22 * (15 / 22)) is 14: one validation question too few
 ROUNDING_CASE = {"num_examples": 1, "num_train": 7, "num_validation": 15, "num_fewshot_examples": 0, "seed": 0,
