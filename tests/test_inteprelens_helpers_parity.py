@@ -307,7 +307,7 @@ def _local_sources(tmp_path: Path) -> dict:
     rows = cases.math_rows()
     frame = pd.DataFrame(rows)
     frame.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
-    sources = {"DataFrame": frame, "list": rows, "jsonl": str(tmp_path / "rows.jsonl")}
+    sources = {"DataFrame": frame, "list": rows, "generator": (row for row in rows), "jsonl": str(tmp_path / "rows.jsonl")}
     if _has("pyarrow"):
         frame.to_parquet(tmp_path / "rows.parquet")
         sources["parquet"] = tmp_path / "rows.parquet"
@@ -326,13 +326,15 @@ def _has(module: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("source", ["DataFrame", "list", "jsonl", "parquet", "datasets.Dataset"])
+@pytest.mark.parametrize("source", ["DataFrame", "list", "generator", "jsonl", "parquet", "datasets.Dataset"])
 def test_load_math_dataset_from_local_rows(source, tokenizer, tmp_path):
     sources = _local_sources(tmp_path)
     if source not in sources:
         pytest.skip(f"reading {source} needs the optional package behind it (pip install datasets / pyarrow)")
-    result = cases.run_math(formatters, tokenizer, 0, dataset_name=sources[source], verbose=False)
+    result = cases.run_math(formatters, tokenizer, 0, dataset_name=sources[source])
     assert_same(result[:3], FORMATTERS["load_math_dataset"][0][:3])
+    # the same printed lines but the first ("Loading dataset <name> ...")
+    assert result[3].split("\n", 1)[1] == FORMATTERS["load_math_dataset"][0][3].split("\n", 1)[1]
 
 
 @pytest.mark.skipif(not _has("pyarrow"), reason="the lengths cache is a parquet file: needs pyarrow")

@@ -226,7 +226,7 @@ def _math_rows(dataset_name: Any, split: str) -> Iterable[dict[str, Any]]:
     if isinstance(dataset_name, pd.DataFrame):
         return dataset_name.to_dict("records")
     if not isinstance(dataset_name, (str, Path)):
-        return dataset_name  # a datasets.Dataset or a sequence of dicts
+        return dataset_name if hasattr(dataset_name, "__len__") else list(dataset_name)  # Dataset, list of dicts
     if Path(dataset_name).is_file():
         return _read_local_file(Path(dataset_name)).to_dict("records")
     how = ("pass the rows instead (a pandas DataFrame, a datasets.Dataset, a local .parquet/.jsonl/.json/.csv "
