@@ -88,7 +88,8 @@ def assign_split(df_questions: pd.DataFrame, num_examples: int, f_validation: fl
     The ``num_examples`` shortest questions (question length plus its options, or its first target)
     are the few-shot examples; ``int(f_validation * remaining)`` of the other distinct questions,
     drawn with ``random.Random(seed)``, are validation; the rest train. All rows of a question share
-    its split.
+    its split. Among equally long questions at the cut, pandas' default sort decides (numpy's unstable
+    quicksort, whose order of equal keys depends on the CPU), exactly as in inteprelens.
     """
     if "question" not in df_questions.columns:
         raise ValueError(f"assign_split needs a 'question' column, got {list(df_questions.columns)}")
