@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["INTEPRELENS_MARKER", "HeadTaxonomy", "PromptTokenizer", "inteprelens_tokenize", "dataloader_batches", "pattern_task_pairs",
-           "read_inteprelens_masks"]
+           "read_inteprelens_masks", "marked_tokenizer", "marked_pair"]
 
 INTEPRELENS_MARKER = " <|TARGET|> "
 """The separator inteprelens' ``PromptTokenizer`` puts between prompt and target."""
@@ -38,21 +38,32 @@ class HeadTaxonomy(Enum):
     IRRELEVANT = "irrelevant"
 
 
+def marked_tokenizer(tokenizer: Any, marker: str = INTEPRELENS_MARKER) -> tuple[Any, int]:
+    """A copy of ``tokenizer`` with ``marker`` registered as a special token, and the marker's id."""
+    marked = copy.deepcopy(tokenizer)
+    if marker not in marked.get_vocab():
+        marked.add_special_tokens({"additional_special_tokens": [marker]})
+    return marked, marked(marker, add_special_tokens=False)["input_ids"][0]
+
+
+def marked_pair(prompt: str, target: str, marker: str = INTEPRELENS_MARKER) -> str:
+    """inteprelens' tokenizer input for a pair: ``prompt.rstrip() + marker + target`` (target space-led)."""
+    return prompt.rstrip() + marker + (target if target.startswith(" ") else " " + target)
+
+
 def inteprelens_tokenize(texts: Sequence[str], targets: Sequence[str], tokenizer: Any, pad_token_id: int,
-                         marker: str = INTEPRELENS_MARKER) -> tuple[Tensor, Tensor]:
+                         marker: str = INTEPRELENS_MARKER, truncation: bool = True) -> tuple[Tensor, Tensor]:
     """``(input_ids, loss_masks)`` ``(N, L + 1)`` as inteprelens' ``PromptTokenizer.tokenize_batch``.
 
     Each pair is tokenised as ``prompt.rstrip() + " <|TARGET|> " + target`` (a leading space added to
     the target) without special tokens, with the separator registered as a special token on a
     *copy* of ``tokenizer`` (the caller's tokenizer is not modified); the separator token is then
-    removed, and the rows are right-padded plus one extra pad column.
+    removed, and the rows are right-padded plus one extra pad column. ``truncation`` to the tokenizer's
+    ``model_max_length`` as inteprelens' ``tokenize_batch`` (its single-pair ``tokenize`` does not truncate).
     """
-    marked = copy.deepcopy(tokenizer)
-    if marker not in marked.get_vocab():
-        marked.add_special_tokens({"additional_special_tokens": [marker]})
-    marker_id = marked(marker, add_special_tokens=False)["input_ids"][0]
-    full = [p.rstrip() + marker + (t if t.startswith(" ") else " " + t) for p, t in zip(texts, targets)]
-    rows = marked(full, padding=False, truncation=True, add_special_tokens=False)["input_ids"]
+    marked, marker_id = marked_tokenizer(tokenizer, marker)
+    full = [marked_pair(p, t, marker) for p, t in zip(texts, targets)]
+    rows = marked(full, padding=False, truncation=truncation, add_special_tokens=False)["input_ids"]
     ids, masks = [], []
     for row in rows:
         cut = row.index(marker_id)
@@ -83,7 +94,7 @@ class PromptTokenizer:
 
     def tokenize(self, prompt: str, target: str) -> tuple[Tensor, Tensor]:
         """One pair, unpadded: ``(input_ids (L,), loss_mask (L,))``."""
-        ids, masks = inteprelens_tokenize([prompt], [target], self.tokenizer, -1, self.marker)
+        ids, masks = inteprelens_tokenize([prompt], [target], self.tokenizer, -1, self.marker, truncation=False)
         keep = ids[0] != -1
         return ids[0, keep].to(self.device), masks[0, keep].to(self.device)
 

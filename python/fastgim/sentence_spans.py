@@ -2,7 +2,9 @@
 
 ``get_sentence_token_spans(text, sentences, tokenizer)`` maps each sentence to a ``[start, end)``
 range of token positions of ``tokenizer(text)``, matching sentences to the text with whitespace runs
-collapsed; ``aggregate_to_sentences(values, spans)`` reduces per-token values to one per sentence.
+collapsed; ``get_sentence_token_spans_from_pretokenized(sentences, tokenizer)`` tokenises each sentence
+on its own and concatenates the tokens (for sentences that do not rebuild the text exactly);
+``aggregate_to_sentences(values, spans)`` reduces per-token values to one per sentence.
 fastgim's :func:`fastgim.chg.sentence_token_spans` (exact substrings, token lists) is the strict variant.
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["get_sentence_token_spans", "aggregate_to_sentences"]
+__all__ = ["get_sentence_token_spans", "get_sentence_token_spans_from_pretokenized", "aggregate_to_sentences"]
 
 
 def _collapse_whitespace(text: str) -> tuple[str, list[int]]:
@@ -68,6 +70,27 @@ def get_sentence_token_spans(
         else:
             spans.append((0, 0))
     return spans
+
+
+def get_sentence_token_spans_from_pretokenized(sentences: list[str], tokenizer: Any, add_special_tokens: bool = False
+                                               ) -> tuple[Tensor, list[tuple[int, int]]]:
+    """``(input_ids (L,) int64, spans)``: each sentence tokenised alone, the tokens concatenated in order.
+
+    ``spans[i]`` is sentence ``i``'s ``[start, end)`` range in ``input_ids``; a blank sentence adds no
+    tokens and gets the empty span ``(pos, pos)`` at the current position. ``add_special_tokens=True``
+    adds the tokenizer's BOS/EOS to EVERY sentence.
+    """
+    pieces: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
+    spans: list[tuple[int, int]] = []
+    position = 0
+    for sentence in sentences:
+        ids = (tokenizer(sentence, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"].reshape(-1)
+               if sentence.strip() else pieces[0])
+        pieces.append(ids)
+        spans.append((position, position + len(ids)))
+        position += len(ids)
+    input_ids = torch.cat(pieces)
+    return input_ids, spans
 
 
 def aggregate_to_sentences(token_values: Tensor, spans: Sequence[tuple[int, int]], aggregation: str = "mean"

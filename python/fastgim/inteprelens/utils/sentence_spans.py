@@ -1,5 +1,9 @@
 """``inteprelens.utils.sentence_spans``."""
 
-from fastgim.sentence_spans import aggregate_to_sentences, get_sentence_token_spans
+from fastgim.sentence_spans import (
+    aggregate_to_sentences,
+    get_sentence_token_spans,
+    get_sentence_token_spans_from_pretokenized,
+)
 
-__all__ = ["aggregate_to_sentences", "get_sentence_token_spans"]
+__all__ = ["aggregate_to_sentences", "get_sentence_token_spans", "get_sentence_token_spans_from_pretokenized"]
