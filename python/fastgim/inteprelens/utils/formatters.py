@@ -1,5 +1,6 @@
 """``inteprelens.utils.formatters``."""
 
+from fastgim.chg_compat import PromptTokenizer
 from fastgim.fewshot import (
     assign_split,
     create_fewshot_dataset,
