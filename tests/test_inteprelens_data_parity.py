@@ -265,6 +265,17 @@ def test_trainer_on_left_padding_equals_right_padding(numerics: str):
         assert (record["left_gates"] - record["right_gates"]).abs().max() > 0.3
 
 
+def test_fit_dataset_on_left_padding_equals_right_padding():
+    record = RECORD["left_padding"]
+    analyzer = LensAPI.from_pretrained(MODEL)
+    right, left = (analyzer.fit_dataset(MaskedSequenceDataset(PAD, side == "right", **record[side]), num_masks=2,
+                                        num_updates=2, num_reg_updates=1, batch_size=2, verbose=False, seed=0)
+                   for side in ("right", "left"))
+    assert list(right.masks) == list(left.masks) and len(right.masks) == 3
+    for stage in right.masks:
+        assert torch.equal(right.masks[stage], left.masks[stage]), stage
+
+
 def test_left_padding_reads_an_attention_mask_field():
     """With pad == the first real token, only an attention_mask tells padding from text."""
     ids = torch.tensor([[1, 1, 1, 7, 8, 9], [1, 5, 6, 7, 8, 9]])
