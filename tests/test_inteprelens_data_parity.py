@@ -141,6 +141,8 @@ def test_tensordict_mapping_partition_memory_and_files(tmp_path):
     assert_equal(TensorDict.load(tmp_path / "a.pt"), TD["loaded"], "loaded")
     torch.save(TD["saved"], tmp_path / "theirs.pt")  # what inteprelens' save wrote
     assert_equal(TensorDict.load(tmp_path / "theirs.pt", map_location="cpu"), TD["loaded"], "theirs")
+    pieces = [t["signed"], t["signed"][:2]]  # a negative dim is the same dim (inteprelens pads it as well)
+    assert_equal(TensorDict.cat(pieces, dim=-1, pad_value=0.5), TD["cat_dim1_pad"], "cat dim=-1")
     a.y = torch.zeros(3, dtype=torch.long)
     del a["nested"]
     assert a.y.sum() == 0 and list(a) == ["x", "y"]
@@ -296,6 +298,8 @@ def test_left_padding_reads_an_attention_mask_field():
     (lambda: TensorDict(x=torch.zeros(2), y=torch.zeros(2, device="meta")), ValueError, "same device"),
     (lambda: TensorDict.cat([]), ValueError, "at least one TensorDict"),
     (lambda: TensorDict.stack([TensorDict(x=torch.zeros(1)), TensorDict(y=torch.zeros(1))]), ValueError, "same keys"),
+    (lambda: TensorDict.cat([TensorDict(x=torch.zeros(2)), TensorDict(x=torch.zeros(1, 2))], pad_value=0), ValueError,
+     "different ranks"),
     (lambda: TensorDict(name="text"), TypeError, "'name': a str cannot become a tensor"),
     (lambda: setattr(TensorDict(x=torch.zeros(1)), "x", [1.0]), TypeError, "non-tensor"),
     (lambda: TensorDict(x=torch.zeros(4)).partition([1, 0.5]), ValueError, "all floats"),
