@@ -165,10 +165,10 @@ def test_datasets_pattern_task_and_masked_sequence_dataset():
     data = CHGDataset.from_texts(PROMPTS, ANSWERS, tokenizer)
     same = MaskedSequenceDataset(pad_token_id=data.pad_token_id, input_ids=data.input_ids, loss_masks=data.loss_masks)
     assert torch.equal(same.batch(torch.arange(4))["input_ids"], data.batch(torch.arange(4))["input_ids"])
-    with pytest.raises(ValueError, match="pad_right=False"):
-        MaskedSequenceDataset(0, pad_right=False, input_ids=data.input_ids, loss_masks=data.loss_masks)
-    with pytest.raises(ValueError, match="requires"):
-        MaskedSequenceDataset(0, input_ids=data.input_ids)
+    with pytest.raises(ValueError, match="requires 'input_ids'"):
+        MaskedSequenceDataset(0, loss_masks=data.loss_masks)
+    with pytest.raises(ValueError, match="no 'loss_masks' field"):  # accepted as inteprelens does, not trainable
+        MaskedSequenceDataset(0, input_ids=data.input_ids).training_batches(2)
     with pytest.raises(ValueError, match="unknown pattern"):
         CHGDataset.from_pattern_task("abc", tokenizer, num_samples=2)
     with pytest.raises(ValueError, match="tokenization must be"):

@@ -1,5 +1,6 @@
 """``inteprelens.utils.ds``."""
 
-from fastgim.chg import CHGDataset, MaskedSequenceDataset
+from fastgim.chg_data import CHGDataset, MaskedSequenceDataset
+from fastgim.tensordict import TensorDictDataset
 
-__all__ = ["CHGDataset", "MaskedSequenceDataset"]
+__all__ = ["CHGDataset", "MaskedSequenceDataset", "TensorDictDataset"]

@@ -1,0 +1,5 @@
+"""``inteprelens.utils.tensor_dict``."""
+
+from fastgim.tensordict import TensorDict
+
+__all__ = ["TensorDict"]
