@@ -29,23 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from fastgim.utils import format_memory_size
+
 __all__ = ["TensorDict", "TensorDictDataset"]
 
 T = TypeVar("T", bound="TensorDict")
-
-_UNITS = ("B", "KB", "MB", "GB", "TB")
-
-
-def _format_bytes(num_bytes: int, precision: int = 2, unit: str | None = None) -> str:
-    """``"1.50 KB"``: powers of 1024; without ``unit``, the unit whose power of 1024 the bit length reaches."""
-    if unit is None:
-        power = min(len(_UNITS) - 1, int(num_bytes).bit_length() // 10)
-    else:
-        if not isinstance(unit, str) or unit.upper() not in _UNITS:
-            raise ValueError(f"Invalid unit {unit!r}, must be one of {list(_UNITS)}")
-        power = _UNITS.index(unit.upper())
-    return f"{num_bytes / 1024 ** power:.{precision}f} {_UNITS[power]}"
-
 
 def _pad_to_common_shape(tensors: Sequence[torch.Tensor], pad_value: float, keep_dims: Sequence[int] = ()
                          ) -> list[torch.Tensor]:
@@ -280,7 +268,7 @@ class TensorDict(Mapping):
 
     def memory_bytes_str(self, precision: int = 2, unit: str | None = None) -> str:
         """:meth:`memory_bytes` as ``"12.50 KB"`` (``unit`` one of B, KB, MB, GB, TB; chosen when None)."""
-        return _format_bytes(self.memory_bytes(), precision=precision, unit=unit)
+        return format_memory_size(self.memory_bytes(), precision=precision, unit=unit)
 
 
 _FORWARDED_TENSOR_METHODS = (

@@ -1,4 +1,4 @@
-"""``inteprelens.utils``: CHG datasets, PromptTokenizer, general helpers and the task formatters."""
+"""``inteprelens.utils``: TensorDict, the datasets, PromptTokenizer, general helpers and the task formatters."""
 
 from fastgim.chg import CHGDataset, MaskedSequenceDataset
 from fastgim.chg_compat import PromptTokenizer
@@ -9,9 +9,11 @@ from fastgim.fewshot import (
     generate_prompt_permutations,
     load_math_dataset,
 )
+from fastgim.tensordict import TensorDict, TensorDictDataset
 from fastgim.utils import check_device, cross_entropy, format_memory_size, get_device, seed_all, to_long_df
 
 __all__ = [
+    "TensorDict", "TensorDictDataset",
     "format_memory_size", "seed_all", "cross_entropy", "check_device", "get_device", "to_long_df", "CHGDataset",
     "MaskedSequenceDataset", "PromptTokenizer", "create_fewshot_dataset", "assign_split", "create_prompts",
     "generate_prompt_permutations", "load_math_dataset",
