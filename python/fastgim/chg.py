@@ -61,10 +61,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgim import validation
+from fastgim import o_proj_gates, validation
 from fastgim.adapters import ModelAdapter, find_layout, get_adapter
 from fastgim.integrations import hf
-from fastgim.o_proj_gates import o_proj_head_gates
 from fastgim.params import no_parameter_grads
 from fastgim.settings import use_settings
 
@@ -461,8 +460,9 @@ class CHG:
         return self
 
     def _runner(self, gated: bool) -> nn.Module:
-        """The compiled wrapper when there is one, except for gated calls of ``gate="hook"`` (see :meth:`compile`)."""
-        if self.compiled_model is None or (gated and self.gate == "hook"):
+        """The compiled wrapper when there is one, except for calls with hook gates (see :meth:`compile`)."""
+        hooked = self.gate == "hook" and (gated or o_proj_gates.active())  # also inside a caller's gating block
+        if self.compiled_model is None or hooked:
             return self.model
         return self.compiled_model
 
@@ -503,7 +503,7 @@ class CHG:
         self._check_gates(gates, allow_batch=True)
         if self.gate == "hook":
             dtype = next(self.model.parameters()).dtype
-            with o_proj_head_gates(self.adapter, gates, self.num_heads, self.head_dim, dtype=dtype), \
+            with o_proj_gates.o_proj_head_gates(self.adapter, gates, self.num_heads, self.head_dim, dtype=dtype), \
                     use_settings(None):
                 yield
             return

@@ -28,7 +28,7 @@ from torch import nn
 from fastgim import validation
 from fastgim.model_patches import shared_patch
 
-__all__ = ["o_proj_head_gates"]
+__all__ = ["o_proj_head_gates", "active"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,11 @@ class _CallGates:
 
 
 _CURRENT: contextvars.ContextVar[_CallGates | None] = contextvars.ContextVar("fastgim_o_proj_gates", default=None)
+
+
+def active() -> bool:
+    """True inside an :func:`o_proj_head_gates` block (of this thread / task)."""
+    return _CURRENT.get() is not None
 
 
 def _gate_input(module: nn.Module, args: tuple) -> tuple | None:
