@@ -131,6 +131,15 @@ def _resolve(key: str):
     return getattr(owner_obj, member) if member else owner_obj
 
 
+def test_chg_compile_and_head_dim_as_inteprelens():
+    """inteprelens' ``CHG.compile(self, mode="reduce-overhead", **kwargs) -> CHG`` and ``CHG.head_dim``."""
+    assert _signature(fastgim.CHG.compile) == [["self", "POSITIONAL_OR_KEYWORD", ""],
+                                               ["mode", "POSITIONAL_OR_KEYWORD", "'reduce-overhead'"],
+                                               ["kwargs", "VAR_KEYWORD", ""]]
+    chg = fastgim.CHG(LensAPI.from_pretrained(MODEL).model)
+    assert (chg.num_layers, chg.num_heads, chg.head_dim) == (4, 4, 64)  # the config's explicit head_dim
+
+
 @pytest.mark.parametrize("key", sorted(RECORD["signatures"]))
 def test_signatures_accept_every_inteprelens_call(key: str):
     """Each inteprelens parameter exists with its kind and default, in order; added ones are optional."""
@@ -250,6 +259,11 @@ def test_readme_chg_examples(example: str, texts: list[str], targets: list[str])
     results = analyzer.fit(texts=texts, targets=targets, **FIT_ARGS, convention="inteprelens")
     for stage in ("none", "positive", "negative"):  # inteprelens' numerics: the same gates
         assert_trained(results.masks[stage], record["masks"][stage], elsewhere_atol=1e-3)
+    for ours, theirs in zip(results.metrics, record["metrics"], strict=True):  # inteprelens' keys, then fastgim's
+        assert list(ours)[:len(theirs)] == list(theirs)
+        assert {k: ours[k] for k in ("regularization", "num_update")} == \
+            {k: theirs[k] for k in ("regularization", "num_update")}
+        assert theirs["nll"] == 0.0 < ours["nll"]  # inteprelens logs 0.0 (its accumulator is reset first)
     assert_labels(results, record, same_gates=SAME_MACHINE)
 
 

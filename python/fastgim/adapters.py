@@ -72,8 +72,9 @@ class ModelAdapter:
 
     def _overrides_structure(self) -> bool:
         cls = type(self)
-        return (cls.get_layers is not ModelAdapter.get_layers
-                and cls.get_attention_output_proj is not ModelAdapter.get_attention_output_proj)
+        projection = (cls.get_attention_output_proj is not ModelAdapter.get_attention_output_proj
+                      or cls.get_o_proj is not ModelAdapter.get_o_proj)
+        return cls.get_layers is not ModelAdapter.get_layers and projection
 
     def _need_layout(self, method: str) -> str:
         if self.layout is None:

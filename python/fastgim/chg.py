@@ -3,8 +3,11 @@
 Each attention head ``(layer, head)`` gets a gate ``g = sigmoid(logit)`` that multiplies its
 output before the output projection. The gates reach the attention op's ``gate`` argument
 through :func:`fastgim.integrations.hf.head_gates` (fused in the kernel on GPU, the ``torch`` backend on
-CPU); no forward hooks are involved. Several masks are evaluated in one pass by repeating
-the batch once per mask.
+CPU); no forward hooks are involved. ``CHG(gate="hook")`` gates the same head outputs inteprelens'
+way instead, by pre-hooks on the attention output projections (:mod:`fastgim.o_proj_gates`): the
+default for models whose attention cannot take the fused gate (with an adapter), and the path of
+``CHGTrainer(numerics="inteprelens")``. Several masks are evaluated in one pass by repeating the
+batch once per mask.
 
 Training minimises, for each mask independently::
 
@@ -669,6 +672,9 @@ class CHGTrainer:
         gradient_accum_steps: micro-batches per update.
         grad_norm: per-mask gradient-norm clip (None: no clipping). Clipping each mask on its own
             keeps the masks independent.
+        adapter: a :class:`fastgim.adapters.ModelAdapter` (an inteprelens-style subclass works), passed to
+            :class:`CHG`: a model whose attention cannot take the fused gate is gated through it.
+        device: accepted for inteprelens compatibility; the masks live on the model's device.
         seed: seeds the gate initialisation and the batch order (None: global RNG).
         l1_reduction: ``"mean"`` (default, as the reference CHG code: the pressure per head does not
             grow with the number of heads) or ``"sum"`` over the ``(L, H)`` clamped logits.
@@ -679,7 +685,11 @@ class CHGTrainer:
             the masks are independent restarts) or ``"inteprelens"``: inteprelens' training numerics,
             bf16 autocast (unless ``autocast`` says otherwise), the loss averaged over the masks, one
             gradient-norm clip over all masks jointly, and batches in inteprelens' ``DataLoader``
-            order (``seed`` must then be None; seed with ``torch.manual_seed``).
+            order (``seed`` must then be None; seed with ``torch.manual_seed``). Its loss is computed
+            op for op as inteprelens does, with the model's own attention (``sdpa`` for a ``gim_fused``
+            model) and the gates applied by pre-hooks on the attention output projections, so on the
+            same machine the gates equal inteprelens' bit for bit (a model of no known layout and no
+            adapter uses the fused gate instead, which rounds differently).
         autocast: ``"bf16"`` / ``"fp16"`` / a torch dtype runs the forward and loss under
             ``torch.autocast`` in that dtype, ``"fp32"`` without; None = bf16 for
             ``numerics="inteprelens"``, fp32 otherwise.
@@ -728,7 +738,8 @@ class CHGTrainer:
         if nll_reduction not in ("mean", "sum"):
             raise ValueError(f"nll_reduction must be 'mean' or 'sum', got {nll_reduction!r}")
         self.l1_reduction, self.nll_reduction = l1_reduction, nll_reduction
-        self.masked_model = CHG(model, adapter=adapter, gate="hook" if numerics == "inteprelens" else "auto")
+        hooks = numerics == "inteprelens" and (adapter is not None or find_layout(model) is not None)
+        self.masked_model = CHG(model, adapter=adapter, gate="hook" if hooks else "auto")
         self.masked_model.check_inputs(dataset.input_ids)
         self.model = model
         self.dataset = dataset
