@@ -180,8 +180,9 @@ def test_trainer_stage_signs_metrics_and_progress():
     trainer = CHGTrainer(model, data, num_masks=2, batch_size=4, l1_weight=0.5, seed=0)
     start = trainer.mask_logits.detach().clone()
     records = list(trainer.fit(num_updates=2, num_reg_updates=4, verbose=False))
-    stages = [m["regularization"] for _, m in records]
+    stages = [m["stage"] for _, m in records]
     assert stages == ["none"] * 2 + ["retention"] * 4 + ["removal"] * 4
+    assert [m["regularization"] for _, m in records] == ["none"] * 2 + ["positive"] * 4 + ["negative"] * 4
     assert [m["lambda"] for _, m in records[2:3] + records[6:7]] == [0.5, -0.5]
     for mask, metrics in records:
         assert mask.shape == (2, 2, 4)

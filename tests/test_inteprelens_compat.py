@@ -224,8 +224,9 @@ def test_trainer_numerics_options():
     assert CHGTrainer(model, data, numerics="inteprelens", autocast="fp32").autocast_dtype is None
     assert CHGTrainer(model, data, autocast="bf16").autocast_dtype == torch.bfloat16
     trainer = CHGTrainer(model, data, num_masks=2, batch_size=2, seed=0)
-    stages = [record["regularization"] for _, record in trainer.fit(1, 1, verbose=False)]
-    assert stages == ["none", "retention", "removal"]
+    records = [record for _, record in trainer.fit(1, 1, verbose=False)]
+    assert [record["regularization"] for record in records] == ["none", "positive", "negative"]  # inteprelens' names
+    assert [record["stage"] for record in records] == ["none", "retention", "removal"]
     final = trainer.get_final_masks()
     assert trainer.mask_logits_pos is trainer.mask_logits_retention and trainer.mask_logits_neg is not None
     assert torch.equal(final["positive"], trainer.mask_logits_retention.detach().sigmoid())

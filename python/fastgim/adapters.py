@@ -17,12 +17,10 @@ of attention and MLP, head counts). Layouts covered:
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "get_adapter", "SUPPORTED_LAYOUTS"]
+__all__ = ["ModelAdapter", "get_adapter", "find_layout", "SUPPORTED_LAYOUTS"]
 
 SUPPORTED_LAYOUTS = ("llama", "gpt2", "gpt_neox")
 
@@ -35,20 +33,63 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-@dataclasses.dataclass
 class ModelAdapter:
-    """Uniform access to the parts of one decoder-only model (see module docstring)."""
+    """Uniform access to the parts of one decoder-only model (see module docstring).
 
-    model: nn.Module
-    layout: str
-    base: nn.Module
+    ``ModelAdapter(model)`` finds the layout of a known model itself (as :func:`get_adapter`);
+    ``layout`` / ``base`` may be given explicitly. inteprelens-style custom adapters subclass it::
+
+        class MyAdapter(ModelAdapter):
+            def __init__(self, model):
+                super().__init__(model)
+
+            def get_layers(self):
+                return self.model.backbone.blocks
+
+            def get_attention_output_proj(self, layer):
+                return self._resolve_layer(layer).attn.out
+
+    Such a subclass may wrap a model of no known layout; it must then override ``get_layers`` and
+    ``get_attention_output_proj`` (the two methods CHG's hook gate needs, as inteprelens' abstract ones).
+    fastgim's own method names (``get_o_proj``, ``get_attn_norm``, ``get_mlp_norm``) call inteprelens'
+    names, so an override of either spelling is seen by fastgim.
+    """
+
+    def __init__(self, model: nn.Module, layout: str | None = None, base: nn.Module | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ModelAdapter expects a torch model (nn.Module), got {type(model).__name__}")
+        if layout is None:
+            found = find_layout(model)
+            layout, base = found if found is not None else (None, None)
+        elif layout not in SUPPORTED_LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(SUPPORTED_LAYOUTS)}")
+        elif base is None:
+            raise ValueError(f"layout {layout!r} needs the base module (the one holding the layers)")
+        self.model, self.layout, self.base = model, layout, base
+        if layout is None and not self._overrides_structure():
+            raise ValueError(_unknown_layout_message(model) + "; or subclass ModelAdapter and override get_layers "
+                             "and get_attention_output_proj")
+
+    def _overrides_structure(self) -> bool:
+        cls = type(self)
+        projection = (cls.get_attention_output_proj is not ModelAdapter.get_attention_output_proj
+                      or cls.get_o_proj is not ModelAdapter.get_o_proj)
+        return cls.get_layers is not ModelAdapter.get_layers and projection
+
+    def _need_layout(self, method: str) -> str:
+        if self.layout is None:
+            raise NotImplementedError(f"{type(self).__name__}.{method}: {type(self.model).__name__} has no layout "
+                                      f"fastgim knows; override {method} in the adapter")
+        return self.layout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={type(self.model).__name__}, layout={self.layout!r})"
 
     # -- structure -------------------------------------------------------------------------------
     def get_layers(self) -> nn.ModuleList:
         """The decoder layers (``nn.ModuleList``), in order."""
-        return {"llama": lambda: self.base.layers, "gpt2": lambda: self.base.h, "gpt_neox": lambda: self.base.layers}[
-            self.layout
-        ]()
+        layout = self._need_layout("get_layers")
+        return self.base.h if layout == "gpt2" else self.base.layers
 
     @property
     def num_layers(self) -> int:
@@ -60,7 +101,12 @@ class ModelAdapter:
 
     @property
     def num_heads(self) -> int:
-        return int(self.config.num_attention_heads)
+        config = self.config
+        value = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        if not value:
+            raise AttributeError(f"{type(config).__name__} has no num_attention_heads; override num_heads in "
+                                 f"{type(self).__name__}")
+        return int(value)
 
     @property
     def num_kv_heads(self) -> int:
@@ -73,6 +119,7 @@ class ModelAdapter:
 
     @property
     def head_dim(self) -> int:
+        """The config's explicit ``head_dim`` when set (Gemma 2, Qwen3...), else ``hidden_size // num_heads``."""
         value = getattr(self.config, "head_dim", None)
         return int(value) if value else self.hidden_size // self.num_heads
 
@@ -111,40 +158,51 @@ class ModelAdapter:
 
     def get_attention_module(self, layer: int | nn.Module) -> nn.Module:
         """The attention module of ``layer`` (an index or the layer module)."""
+        layout = self._need_layout("get_attention_module")
         block = self._resolve_layer(layer)
         return {"llama": lambda: block.self_attn, "gpt2": lambda: block.attn, "gpt_neox": lambda: block.attention}[
-            self.layout
+            layout
         ]()
 
-    def get_o_proj(self, layer: int | nn.Module) -> nn.Module:
+    def get_attention_output_proj(self, layer: int | nn.Module) -> nn.Module:
         """The attention output projection of ``layer``; its input is ``(B, L, Hq * head_dim)``."""
+        layout = self._need_layout("get_attention_output_proj")
         attn = self.get_attention_module(layer)
-        return {"llama": lambda: attn.o_proj, "gpt2": lambda: attn.c_proj, "gpt_neox": lambda: attn.dense}[self.layout]()
+        return {"llama": lambda: attn.o_proj, "gpt2": lambda: attn.c_proj, "gpt_neox": lambda: attn.dense}[layout]()
+
+    def get_o_proj(self, layer: int | nn.Module) -> nn.Module:
+        """fastgim's name of :meth:`get_attention_output_proj`."""
+        return self.get_attention_output_proj(layer)
 
     def get_mlp(self, layer: int | nn.Module) -> nn.Module:
         """The MLP (or MoE block) of ``layer``."""
         return self._resolve_layer(layer).mlp
 
-    def get_attn_norm(self, layer: int | nn.Module) -> nn.Module | None:
+    def get_pre_attention_norm(self, layer: int | nn.Module) -> nn.Module | None:
         """The norm in front of attention in ``layer`` (None for post-norm layouts)."""
+        layout = self._need_layout("get_pre_attention_norm")
         block = self._resolve_layer(layer)
-        return getattr(block, "ln_1", None) if self.layout == "gpt2" else getattr(block, "input_layernorm", None)
+        return getattr(block, "ln_1", None) if layout == "gpt2" else getattr(block, "input_layernorm", None)
+
+    def get_attn_norm(self, layer: int | nn.Module) -> nn.Module | None:
+        """fastgim's name of :meth:`get_pre_attention_norm`."""
+        return self.get_pre_attention_norm(layer)
 
     def get_mlp_norm(self, layer: int | nn.Module) -> nn.Module | None:
+        """fastgim's name of :meth:`get_pre_mlp_norm`."""
+        return self.get_pre_mlp_norm(layer)
+
+    def get_pre_mlp_norm(self, layer: int | nn.Module) -> nn.Module | None:
         """The norm in front of the MLP in ``layer`` (None for post-norm layouts)."""
+        layout = self._need_layout("get_pre_mlp_norm")
         layer = self._resolve_layer(layer)
-        if self.layout == "gpt2":
+        if layout == "gpt2":
             return layer.ln_2
         if hasattr(layer, "pre_feedforward_layernorm"):
             return layer.pre_feedforward_layernorm
         if hasattr(layer, "post_feedforward_layernorm"):  # OLMo2: post-norm only
             return None
         return getattr(layer, "post_attention_layernorm", None)
-
-    # inteprelens' method names (same modules)
-    get_attention_output_proj = get_o_proj
-    get_pre_attention_norm = get_attn_norm
-    get_pre_mlp_norm = get_mlp_norm
 
     def post_attention_anchor(self, layer: int | nn.Module) -> nn.Module:
         """The module whose input is the residual stream right after attention (the pre-MLP norm).
@@ -162,6 +220,7 @@ class ModelAdapter:
 
     def get_final_norm(self) -> nn.Module:
         """The final norm before the LM head."""
+        self._need_layout("get_final_norm")
         return {"llama": lambda: self.base.norm, "gpt2": lambda: self.base.ln_f,
                 "gpt_neox": lambda: self.base.final_layer_norm}[self.layout]()
 
@@ -227,24 +286,34 @@ class ModelAdapter:
         return w.unflatten(1, (self.num_heads, self.head_dim)).permute(1, 0, 2)
 
 
+def find_layout(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(layout, base)`` of a known decoder layout (``base`` holds the layers), None for an unknown one."""
+    candidates = [model, getattr(model, "model", None), getattr(model, "transformer", None),
+                  getattr(model, "gpt_neox", None)]
+    for base in candidates:
+        if not isinstance(base, nn.Module):
+            continue
+        layers = getattr(base, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
+            return "llama", base
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "attention"):
+            return "gpt_neox", base
+        h = getattr(base, "h", None)
+        if isinstance(h, nn.ModuleList) and len(h) and hasattr(h[0], "attn") and hasattr(h[0].attn, "c_attn"):
+            return "gpt2", base
+    return None
+
+
+def _unknown_layout_message(model: nn.Module) -> str:
+    return (f"no adapter for {type(model).__name__}: supported layouts are {', '.join(SUPPORTED_LAYOUTS)} "
+            "(model.model.layers[i].self_attn, model.transformer.h[i].attn, model.gpt_neox.layers[i].attention)")
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """Adapter for a Hugging Face causal LM (or its base model); raises for unknown layouts."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_adapter expects a transformers model, got {type(model).__name__}")
-    candidates = [model, getattr(model, "model", None), getattr(model, "transformer", None),
-                  getattr(model, "gpt_neox", None)]
-    for base in candidates:
-        if base is None:
-            continue
-        layers = getattr(base, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
-            return ModelAdapter(model, "llama", base)
-        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "attention"):
-            return ModelAdapter(model, "gpt_neox", base)
-        h = getattr(base, "h", None)
-        if isinstance(h, nn.ModuleList) and len(h) and hasattr(h[0], "attn") and hasattr(h[0].attn, "c_attn"):
-            return ModelAdapter(model, "gpt2", base)
-    raise ValueError(
-        f"no adapter for {type(model).__name__}: supported layouts are {', '.join(SUPPORTED_LAYOUTS)} "
-        "(model.model.layers[i].self_attn, model.transformer.h[i].attn, model.gpt_neox.layers[i].attention)"
-    )
+    found = find_layout(model)
+    if found is None:
+        raise ValueError(_unknown_layout_message(model))
+    return ModelAdapter(model, *found)

@@ -3,8 +3,11 @@
 Each attention head ``(layer, head)`` gets a gate ``g = sigmoid(logit)`` that multiplies its
 output before the output projection. The gates reach the attention op's ``gate`` argument
 through :func:`fastgim.integrations.hf.head_gates` (fused in the kernel on GPU, the ``torch`` backend on
-CPU); no forward hooks are involved. Several masks are evaluated in one pass by repeating
-the batch once per mask.
+CPU); no forward hooks are involved. ``CHG(gate="hook")`` gates the same head outputs inteprelens'
+way instead, by pre-hooks on the attention output projections (:mod:`fastgim.o_proj_gates`): the
+default for models whose attention cannot take the fused gate (with an adapter), and the path of
+``CHGTrainer(numerics="inteprelens")``. Several masks are evaluated in one pass by repeating the
+batch once per mask.
 
 Training minimises, for each mask independently::
 
@@ -61,7 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgim import validation
+from fastgim import o_proj_gates, validation
+from fastgim.adapters import ModelAdapter, find_layout, get_adapter
 from fastgim.chg_data import CHGDataset, MaskedSequenceDataset, _encode  # noqa: F401  (re-exported)
 from fastgim.integrations import hf
 from fastgim.params import no_parameter_grads
@@ -69,6 +73,8 @@ from fastgim.settings import use_settings
 
 STAGES = ("none", "retention", "removal")
 _STAGE_ALIASES = {"unregularized": "none", "positive": "retention", "negative": "removal"}
+INTEPRELENS_STAGE_NAMES = {"none": "none", "retention": "positive", "removal": "negative"}
+"""inteprelens' name of each stage (the sign of lambda), reported in ``metrics["regularization"]``."""
 TAXONOMY = ("facilitating", "interfering", "irrelevant", "ambiguous")
 
 
@@ -115,13 +121,61 @@ class CHG:
         chg = CHG(model)
         logits = chg.create_masks(num_masks=4)          # (4, layers, heads) logits, a Parameter
         logp = chg.get_logp(logits.sigmoid(), input_ids, loss_masks, agg="mean")   # (batch, 4)
+
+    Args:
+        model: the causal LM (not modified: no hooks or settings stay on it outside a call).
+        adapter: a :class:`fastgim.adapters.ModelAdapter` (or an inteprelens-style subclass overriding
+            ``get_layers`` and ``get_attention_output_proj``); default :func:`fastgim.adapters.get_adapter`
+            when the model has a known layout. ``num_layers`` / ``num_heads`` / ``head_dim`` come from it
+            when given, else from the model's config.
+        gate: where the gates act. ``"fused"``: inside fastgim's attention op (the model runs
+            ``gim_fused`` attention during the call); ``"hook"``: inteprelens' way, forward pre-hooks on
+            each layer's attention output projection (found through the adapter) multiply each head's
+            slice of its input, with the model's own attention; ``"auto"`` (default): fused when the
+            model routes its attention through transformers' ``AttentionInterface``, else hooks. Both
+            multiply the same head outputs by the same gates, so they agree to rounding.
     """
 
-    def __init__(self, model: nn.Module, adapter: Any = None):
-        hf.check_supported(model)
+    def __init__(self, model: nn.Module, adapter: Any = None, gate: Literal["auto", "fused", "hook"] = "auto"):
+        if gate not in ("auto", "fused", "hook"):
+            raise ValueError(f"gate must be 'auto', 'fused' (fastgim's attention op) or 'hook' (pre-hooks on the "
+                             f"attention output projections), got {gate!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CHG expects a torch model (nn.Module), got {type(model).__name__}")
         self.model = model
-        self.num_layers, self.num_heads = _head_counts(model)
-        del adapter  # accepted for inteprelens compatibility; the fused gate needs no adapter
+        self._adapter = adapter
+        self.compiled_model: nn.Module | None = None
+        if gate == "auto":
+            gate = "fused" if hf.supports_gim_fused(model) else "hook"
+        if gate == "fused":
+            hf.check_supported(model)
+        elif adapter is None and find_layout(model) is None:
+            hf.check_supported(model)  # no adapter, no fused attention: say what is supported
+            raise ValueError(f"{type(model).__name__} has no layout fastgim knows; pass adapter= (a ModelAdapter "
+                             "subclass overriding get_layers and get_attention_output_proj) for gate='hook'")
+        self.gate = gate
+        if adapter is not None:
+            self.num_layers, self.num_heads = int(adapter.num_layers), int(adapter.num_heads)
+        else:
+            self.num_layers, self.num_heads = _head_counts(model)
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The adapter given to the constructor, else :func:`fastgim.adapters.get_adapter` of the model."""
+        if self._adapter is None:
+            self._adapter = get_adapter(self.model)
+        return self._adapter
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one head's output: the adapter's ``head_dim`` (the config's explicit ``head_dim`` when set,
+        else ``hidden_size // num_heads``, as inteprelens' adapters)."""
+        if self._adapter is not None or find_layout(self.model) is not None:
+            return int(self.adapter.head_dim)
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        explicit = getattr(text, "head_dim", None)
+        return int(explicit) if explicit else int(text.hidden_size) // self.num_heads
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +185,30 @@ class CHG:
     def mask_shape(self) -> tuple[int, int]:
         """``(num_layers, num_heads)``."""
         return (self.num_layers, self.num_heads)
+
+    def compile(self, mode: str | None = "reduce-overhead", **kwargs: Any) -> CHG:
+        """Run this CHG's forward passes through ``torch.compile(self.model, mode=mode, **kwargs)``; returns ``self``.
+
+        The compiled wrapper is kept in ``self.compiled_model`` and used by :meth:`forward`,
+        :meth:`get_logp` and :meth:`token_logp`. With ``gate="fused"`` masked calls run compiled too
+        (the gates are read at run time, so new gate values do not recompile). With ``gate="hook"`` only
+        unmasked calls do: ``torch.compile`` does not notice forward hooks added after a graph was traced
+        (the caveat inteprelens documents), so gated calls run the model uncompiled rather than risk a
+        graph without the gates. ``self.model`` stays the model you passed: ``torch.compile`` wraps it
+        without copying or changing it (same parameters, no hooks, no settings), and other code using
+        the model runs it uncompiled. inteprelens instead replaces ``chg.model`` by the wrapper and
+        supports only unmasked calls after compiling. The first call compiles (seconds to minutes);
+        ``mode="reduce-overhead"`` uses CUDA graphs on the GPU, on the CPU it compiles as the default mode.
+        """
+        self.compiled_model = torch.compile(self.model, mode=mode, **kwargs)
+        return self
+
+    def _runner(self, gated: bool) -> nn.Module:
+        """The compiled wrapper when there is one, except for calls with hook gates (see :meth:`compile`)."""
+        hooked = self.gate == "hook" and (gated or o_proj_gates.active())  # also inside a caller's gating block
+        if self.compiled_model is None or hooked:
+            return self.model
+        return self.compiled_model
 
     def create_masks(
         self,
@@ -161,19 +239,27 @@ class CHG:
     def gating(self, gates: Tensor) -> Iterator[None]:
         """Run the model with ``gates`` ``(L, H)`` or ``(batch, L, H)`` in ``[0, 1]`` applied to head outputs.
 
-        The model is switched to ``gim_fused`` attention for the block if it is not on it, and GIM
-        is off inside (CHG uses the ordinary gradient).
+        With ``gate="fused"`` the model is switched to ``gim_fused`` attention for the block if it is
+        not on it; with ``gate="hook"`` the gates go through pre-hooks on the attention output
+        projections, cast to the model's parameter dtype first (as inteprelens). GIM is off inside
+        (CHG uses the ordinary gradient).
         """
         self._check_gates(gates, allow_batch=True)
+        if self.gate == "hook":
+            dtype = next(self.model.parameters()).dtype
+            with o_proj_gates.o_proj_head_gates(self.adapter, gates, self.num_heads, self.head_dim, dtype=dtype), \
+                    use_settings(None):
+                yield
+            return
         with hf.use_gim_fused(self.model), hf.head_gates(gates), use_settings(None):
             yield
 
     def register_mask_hooks(self, masks: Tensor) -> contextlib.AbstractContextManager:
-        """inteprelens' name of :meth:`gating` (no hooks are registered; the gates go to the fused op)."""
+        """inteprelens' name of :meth:`gating` (with ``gate="hook"`` it registers hooks as inteprelens does)."""
         return self.gating(masks)
 
     def remove_hooks(self) -> None:
-        """inteprelens API; nothing to remove (the gates live only inside :meth:`gating` blocks)."""
+        """inteprelens API; nothing to remove (hooks and gates live only inside :meth:`gating` blocks)."""
 
     def _check_gates(self, gates: Tensor, allow_batch: bool) -> None:
         ok = gates.dim() == 2 or (allow_batch and gates.dim() == 3)
@@ -197,7 +283,7 @@ class CHG:
         """
         self.check_inputs(input_ids, attention_mask)
         if masks is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            return self._runner(gated=False)(input_ids=input_ids, attention_mask=attention_mask).logits
         single = masks.dim() == 2
         masks = masks.unsqueeze(0) if single else masks
         self._check_gates(masks, allow_batch=True)
@@ -205,7 +291,7 @@ class CHG:
         ids = input_ids.repeat(num_masks, 1)
         mask2d = None if attention_mask is None else attention_mask.repeat(num_masks, 1)
         with self.gating(masks.repeat_interleave(batch, dim=0)):
-            logits = self.model(input_ids=ids, attention_mask=mask2d).logits
+            logits = self._runner(gated=True)(input_ids=ids, attention_mask=mask2d).logits
         logits = logits.view(num_masks, batch, *logits.shape[1:]).transpose(0, 1)
         return logits[:, 0] if single else logits
 
@@ -237,7 +323,7 @@ class CHG:
         keep = loss_masks[:, 1:].any(dim=0).nonzero().flatten()  # positions p predicting token p + 1
         ids = input_ids.repeat(num_masks, 1)
         with self.gating(masks.repeat_interleave(batch, dim=0)):
-            logits = self.model(input_ids=ids, logits_to_keep=keep).logits
+            logits = self._runner(gated=True)(input_ids=ids, logits_to_keep=keep).logits
         logp = F.log_softmax(_at_least_fp32(logits), dim=-1)
         targets = input_ids[:, keep + 1].repeat(num_masks, 1)
         picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).view(num_masks, batch, -1)
@@ -327,6 +413,9 @@ class CHGTrainer:
         gradient_accum_steps: micro-batches per update.
         grad_norm: per-mask gradient-norm clip (None: no clipping). Clipping each mask on its own
             keeps the masks independent.
+        adapter: a :class:`fastgim.adapters.ModelAdapter` (an inteprelens-style subclass works), passed to
+            :class:`CHG`: a model whose attention cannot take the fused gate is gated through it.
+        device: accepted for inteprelens compatibility; the masks live on the model's device.
         seed: seeds the gate initialisation and the batch order (None: global RNG).
         l1_reduction: ``"mean"`` (default, as the reference CHG code: the pressure per head does not
             grow with the number of heads) or ``"sum"`` over the ``(L, H)`` clamped logits.
@@ -337,7 +426,11 @@ class CHGTrainer:
             the masks are independent restarts) or ``"inteprelens"``: inteprelens' training numerics,
             bf16 autocast (unless ``autocast`` says otherwise), the loss averaged over the masks, one
             gradient-norm clip over all masks jointly, and batches in inteprelens' ``DataLoader``
-            order (``seed`` must then be None; seed with ``torch.manual_seed``).
+            order (``seed`` must then be None; seed with ``torch.manual_seed``). Its loss is computed
+            op for op as inteprelens does, with the model's own attention (``sdpa`` for a ``gim_fused``
+            model) and the gates applied by pre-hooks on the attention output projections, so on the
+            same machine the gates equal inteprelens' bit for bit (a model of no known layout and no
+            adapter uses the fused gate instead, which rounds differently).
         autocast: ``"bf16"`` / ``"fp16"`` / a torch dtype runs the forward and loss under
             ``torch.autocast`` in that dtype, ``"fp32"`` without; None = bf16 for
             ``numerics="inteprelens"``, fp32 otherwise.
@@ -386,7 +479,8 @@ class CHGTrainer:
         if nll_reduction not in ("mean", "sum"):
             raise ValueError(f"nll_reduction must be 'mean' or 'sum', got {nll_reduction!r}")
         self.l1_reduction, self.nll_reduction = l1_reduction, nll_reduction
-        self.masked_model = CHG(model, adapter=adapter)
+        hooks = numerics == "inteprelens" and (adapter is not None or find_layout(model) is not None)
+        self.masked_model = CHG(model, adapter=adapter, gate="hook" if hooks else "auto")
         self.masked_model.check_inputs(dataset.input_ids)
         self.model = model
         self.dataset = dataset
@@ -435,21 +529,58 @@ class CHGTrainer:
         penalty = lam * (clamped.mean(dim=(-2, -1)) if self.l1_reduction == "mean" else clamped.sum(dim=(-2, -1)))
         return nll - penalty, nll, penalty
 
+    def _attention(self) -> contextlib.AbstractContextManager:
+        """The attention the stage runs: ``gim_fused`` for the fused gate, the model's own with hooks.
+
+        ``numerics="inteprelens"`` runs a ``gim_fused`` model's calls through transformers' sdpa, the
+        attention inteprelens' model has.
+        """
+        if self.masked_model.gate == "fused":
+            return hf.use_gim_fused(self.model)
+        return hf.plain_sdpa() if self.numerics == "inteprelens" else contextlib.nullcontext()
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.masked_model.device.type, dtype=self.autocast_dtype)
 
     def _clip(self, logits: nn.Parameter) -> Tensor:
+        """Clip the gradient (per mask, or jointly over all masks as inteprelens); returns the per-mask norms before."""
         grad = logits.grad
         norms = grad.flatten(1).norm(dim=1)
-        if self.numerics == "inteprelens":  # one clip over all masks, as inteprelens
-            if self.grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([logits], max_norm=self.grad_norm)
+        if self.grad_norm is None:
             return norms
-            factor = (self.grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            grad.mul_(factor.view(-1, 1, 1))
+        if self.numerics == "inteprelens":
+            torch.nn.utils.clip_grad_norm_([logits], max_norm=self.grad_norm)
+        else:
+            grad.mul_((self.grad_norm / (norms + 1e-6)).clamp(max=1.0).view(-1, 1, 1))
         return norms
+
+    def _inteprelens_loss(self, logits: Tensor, batch: dict[str, Tensor], lam: float) -> tuple[Tensor, Tensor, Tensor]:
+        """inteprelens' loss, computed op for op as it does: ``(loss, nll per mask, penalty)``.
+
+        Rows in (prompt, mask) order, the full-vocabulary logits of ``input_ids[:, :-1]`` under autocast,
+        the cross-entropy on them, the mean over prompts and masks, all divided by the accumulation steps.
+        The model runs its own attention (``sdpa`` for a ``gim_fused`` model) with the gates applied by
+        pre-hooks on the output projections, so the values and gradients are inteprelens' to the bit.
+        """
+        ids, loss_masks = batch["input_ids"], batch["loss_masks"]
+        batch_size, num_masks, steps = ids.shape[0], logits.shape[0], self.gradient_accum_steps
+        with self._autocast():
+            gates = logits.sigmoid()
+            rows = gates.unsqueeze(0).expand(batch_size, *gates.shape).reshape(batch_size * num_masks, *gates.shape[1:])
+            inputs = ids[:, :-1].unsqueeze(1).expand(batch_size, num_masks, -1).reshape(batch_size * num_masks, -1)
+            with self.masked_model.gating(rows):
+                out = self.masked_model._runner(gated=True)(inputs).logits
+            out = out.view(batch_size, num_masks, *out.shape[1:])
+            targets = ids[:, 1:].unsqueeze(1).expand(batch_size, num_masks, -1)
+            target_mask = loss_masks[:, 1:].unsqueeze(1).expand(batch_size, num_masks, -1)
+            token_nll = F.cross_entropy(out.permute(0, 3, 1, 2), targets, reduction="none")
+            logp = (-(token_nll * target_mask)).sum(dim=-1) / target_mask.sum(dim=-1).clamp(min=1)
+            nll = -logp.mean() / steps
+            penalty = lam * logits.clamp(-self.l1_clamp, self.l1_clamp).mean() / steps if lam else logits.new_zeros(())
+            loss = nll - penalty
+        return loss, -logp.detach().mean(0), penalty.detach() * steps
 
     def _optimizer(self, logits: nn.Parameter, stage: str, num_updates: int):
         lr, lr_end = (self.lr, self.lr_end) if stage == "none" else (self.lr_reg, self.lr_reg_end)
@@ -464,13 +595,16 @@ class CHGTrainer:
         nll_sum = torch.zeros(self.num_masks)
         penalty = torch.zeros(self.num_masks)
         for _ in range(self.gradient_accum_steps):
-            loss, nll, pen = self.loss(logits, next(self.iterator), lam)
-            total = loss.mean() if self.numerics == "inteprelens" else loss.sum()
-            (total / self.gradient_accum_steps).backward()
+            if self.numerics == "inteprelens":
+                loss, nll, pen = self._inteprelens_loss(logits, next(self.iterator), lam)
+                loss.backward()
+            else:
+                loss, nll, pen = self.loss(logits, next(self.iterator), lam)
+                (loss.sum() / self.gradient_accum_steps).backward()
             nll_sum += nll.detach().float().cpu() / self.gradient_accum_steps
             penalty = pen.detach().float().cpu()
         norms = self._clip(logits)
-        return {"nll_per_mask": nll_sum.tolist(), "nll": float(nll_sum.mean()), "L1": float(penalty.mean()),
+        return {"nll": float(nll_sum.mean()), "L1": float(penalty.mean()), "nll_per_mask": nll_sum.tolist(),
                 "grad_norm": float(norms.mean())}
 
     def fit_stage(
@@ -483,8 +617,10 @@ class CHGTrainer:
         """Train one stage; after each update yield ``(gates, metrics)``.
 
         ``gates`` is ``sigmoid(logits)`` on the CPU, ``(L, H)`` for a single mask else ``(num_masks, L, H)``.
-        ``metrics`` has ``regularization`` (the stage), ``num_update``, ``nll`` (mean over masks),
-        ``nll_per_mask``, ``L1`` (the penalty ``lambda * mean(clamp(logits))``), ``lambda``, ``lr``,
+        ``metrics`` has inteprelens' keys ``regularization`` (its stage name: ``"none"``, ``"positive"`` for
+        retention, ``"negative"`` for removal, by the sign of lambda), ``num_update``, ``nll`` (mean over
+        masks; inteprelens reports 0.0 there, a bug) and ``L1`` (the penalty ``lambda * mean(clamp(logits))``;
+        0.0 in inteprelens), then ``stage`` (``"none"``, ``"retention"``, ``"removal"``), ``nll_per_mask``, ``lambda``, ``lr``,
         ``grad_norm`` (before clipping), ``mean_gate``, ``frac_on`` (gates >= 0.5) and ``seconds``.
         """
         from tqdm.auto import tqdm
@@ -494,7 +630,7 @@ class CHGTrainer:
             raise ValueError(f"num_updates must be >= 0, got {num_updates}")
         logits, lam = self.stage_parameter(stage), self.stage_lambda(stage)
         optimizer, scheduler = self._optimizer(logits, stage, num_updates)
-        with no_parameter_grads(self.model), hf.use_gim_fused(self.model):  # switched once per stage
+        with no_parameter_grads(self.model), self._attention():  # switched once per stage
             bar = tqdm(range(num_updates), desc=f"CHG {stage}", disable=not show_progress, leave=False)
             for update in bar:
                 start = time.perf_counter()
@@ -505,7 +641,8 @@ class CHGTrainer:
                 if scheduler is not None:
                     scheduler.step()
                 gates = logits.detach().sigmoid().cpu()
-                metrics = {"regularization": stage, "num_update": update + 1, **metrics, "lambda": lam, "lr": lr,
+                metrics = {"regularization": INTEPRELENS_STAGE_NAMES[stage], "num_update": update + 1, **metrics,
+                           "stage": stage, "lambda": lam, "lr": lr,
                            "mean_gate": float(gates.mean()), "frac_on": float((gates >= 0.5).float().mean()),
                            "seconds": time.perf_counter() - start}
                 bar.set_postfix(nll=f"{metrics['nll']:.3f}", on=f"{metrics['frac_on']:.2f}")
@@ -571,6 +708,12 @@ class CHGTrainer:
 
 
 # --------------------------------------------------------------------------- results
+
+
+def _metric_stage(metrics: dict[str, Any]) -> str | None:
+    """The canonical stage of one metrics record (fastgim's ``stage``, else its ``regularization``)."""
+    name = metrics.get("stage", metrics.get("regularization"))
+    return _STAGE_ALIASES.get(name, name)
 
 
 def classify_heads(retention: Tensor, removal: Tensor, threshold: float) -> list[list[str]]:
@@ -813,7 +956,7 @@ class CHGResults:
                         "taxonomy_counts": {k: int(counts.get(k, 0)) for k in TAXONOMY},
                         "mean_agreement": float(taxonomy["agreement"].mean())})
         for stage in STAGES:
-            final = [m for m in self.metrics or [] if m.get("regularization") == stage]
+            final = [m for m in self.metrics or [] if _metric_stage(m) == stage]
             if final:
                 out[f"final_nll_{stage}"] = final[-1]["nll"]
         return out

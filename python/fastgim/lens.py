@@ -32,14 +32,17 @@ class LensAPI:
         """Wrap ``model`` (parameters frozen with ``requires_grad=False``, as inteprelens).
 
         The model's training flag is kept: each call runs in eval mode and restores it.
-        ``adapter`` defaults to :func:`fastgim.adapters.get_adapter`; ``device`` moves the model.
+        ``adapter`` defaults to :func:`fastgim.adapters.get_adapter`; a custom one (an inteprelens-style
+        :class:`fastgim.adapters.ModelAdapter` subclass) also serves CHG fits, which gate heads through it
+        when the model's attention cannot take fastgim's fused gate. ``device`` moves the model.
         """
         from fastgim.adapters import get_adapter
 
         self.model = model
         self.tokenizer = tokenizer
-        self.num_layers, self.num_heads = _head_counts(model)
         self.adapter = adapter if adapter is not None else get_adapter(model)
+        self.num_layers, self.num_heads = (int(self.adapter.num_layers), int(self.adapter.num_heads)) \
+            if adapter is not None else _head_counts(model)
         for param in self.model.parameters():  # inteprelens freezes the analysed model
             param.requires_grad_(False)
         if device is not None:
@@ -145,7 +148,8 @@ class LensAPI:
         _check_convention(convention)
         trainer = CHGTrainer(self.model, dataset, num_masks=num_masks, batch_size=batch_size, l1_weight=l1_weight,
                              lr=lr, lr_reg=lr, gradient_accum_steps=gradient_accum_steps, seed=seed,
-                             numerics="inteprelens" if convention == "inteprelens" else "fastgim")
+                             numerics="inteprelens" if convention == "inteprelens" else "fastgim",
+                             adapter=self.adapter)
         history: dict[str, list[Tensor]] = {}
         metrics: list[dict[str, Any]] = []
         with eval_mode(self.model):  # no dropout while fitting; the caller's training flag comes back

@@ -195,6 +195,23 @@ def _current_implementation(model: nn.Module) -> str | dict | None:
 #: ``id`` of each config that fastgim switched from ``sdpa`` to ``gim_fused`` (while switched).
 _SWITCHED_FROM_SDPA: set[int] = set()
 
+_PLAIN_SDPA: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgim_plain_sdpa", default=False)
+
+
+@contextlib.contextmanager
+def plain_sdpa() -> Iterator[None]:
+    """In this block, ``gim_fused`` attention calls that neither GIM, gates nor pruning touch run transformers' sdpa.
+
+    A model loaded with ``attn_implementation="gim_fused"`` then computes exactly what the same model
+    loaded with the default ``sdpa`` computes (inteprelens' numerics), without changing the model:
+    the choice is per call (a context variable), so other threads are not affected.
+    """
+    token = _PLAIN_SDPA.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_SDPA.reset(token)
+
 
 def _switch_to_gim_fused(model: nn.Module) -> Callable[[], None]:
     """Set ``gim_fused`` attention; returns the undo (nothing to undo when the model is on it already)."""
@@ -214,13 +231,14 @@ def _switch_to_gim_fused(model: nn.Module) -> Callable[[], None]:
 
 
 def _plain_sdpa_call(module: nn.Module) -> bool:
-    """True for a call that neither GIM, gates nor pruning touch, on a model fastgim switched from ``sdpa``.
+    """True for a call that neither GIM, gates nor pruning touch, on a model fastgim switched from ``sdpa``
+    (or inside :func:`plain_sdpa`).
 
     Such calls (plain inference in another thread while a GIM call runs) take the model's own ``sdpa``
     path, so their outputs are bit for bit what they would be without fastgim.
     """
     return (
-        id(getattr(module, "config", None)) in _SWITCHED_FROM_SDPA
+        (_PLAIN_SDPA.get() or id(getattr(module, "config", None)) in _SWITCHED_FROM_SDPA)
         and current_settings() is None
         and _HEAD_GATES.get() is None
         and id(module) not in LAST_QUERY_ONLY.get()
