@@ -11,7 +11,6 @@ fastgim differs on purpose, the documented option is shown to reproduce inteprel
 from __future__ import annotations
 
 import hashlib
-import inspect
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import fastgim
 import fastgim.inteprelens as compat
 from fastgim import CausalCircuitAttribution, CHGDataset, CHGResults, CHGTrainer, LensAPI
 from fastgim.default_model import DEFAULT_MODEL_DIR
-from fastgim.inteprelens.models.adapters import ModelAdapter, get_adapter
+from fastgim.inteprelens.models.adapters import get_adapter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORD = torch.load(FIXTURES / "inteprelens_0_2_1.pt", weights_only=True)
@@ -33,20 +32,6 @@ CAPITAL_TEXTS, CAPITAL_TARGETS = ["The capital of France is", "2 + 2 equals"], [
 DOCUMENT = "Paris is the capital of France. It is one of Europe's largest cities."
 SENTENCES = ["Paris is the capital of France.", "It is one of Europe's largest cities."]
 SUMMARY = "Paris is the capital of France."
-
-# Signatures that differ from inteprelens on purpose (each a superset of inteprelens' calls):
-SIGNATURE_EXTENSIONS = {
-    # None loads fastgim's bundled model; a name or path works as in inteprelens
-    "LensAPI.from_pretrained",
-    # texts, token ids or an encoding as the first argument; input_ids= works as in inteprelens
-    "TransformerTracer.trace",
-    # TransformerTracer(model, tokenizer, adapter): an adapter given second is taken as adapter=
-    "TransformerTracer.__init__",
-    # threshold=None means the results' own threshold, 0.5 unless set (inteprelens: 0.5)
-    "CHGResults.necessary_heads", "CHGResults.sufficient_heads", "CHGResults.head_taxonomy",
-    "CHGResults.get_facilitating_mask", "CHGResults.summary",
-}
-
 
 def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()
@@ -118,42 +103,10 @@ def test_every_public_name_exists_at_the_top_level_and_in_the_module_tree():
     assert get_adapter is fastgim.adapters.get_adapter  # one adapter class, no copy
 
 
-def _signature(obj) -> list[list[str]]:
-    return [[p.name, p.kind.name, "" if p.default is inspect.Parameter.empty else repr(p.default)]
-            for p in inspect.signature(obj).parameters.values()]
-
-
-def _resolve(key: str):
-    if key == "models.adapters.get_adapter":
-        return get_adapter
-    owner, _, member = key.partition(".")
-    owner_obj = ModelAdapter if owner == "ModelAdapter" else getattr(compat, owner)
-    return getattr(owner_obj, member) if member else owner_obj
-
-
 def test_chg_compile_and_head_dim_as_inteprelens():
-    """inteprelens' ``CHG.compile(self, mode="reduce-overhead", **kwargs) -> CHG`` and ``CHG.head_dim``."""
-    assert _signature(fastgim.CHG.compile) == [["self", "POSITIONAL_OR_KEYWORD", ""],
-                                               ["mode", "POSITIONAL_OR_KEYWORD", "'reduce-overhead'"],
-                                               ["kwargs", "VAR_KEYWORD", ""]]
+    """``CHG.head_dim`` (``compile``'s signature is in test_inteprelens_api.py)."""
     chg = fastgim.CHG(LensAPI.from_pretrained(MODEL).model)
     assert (chg.num_layers, chg.num_heads, chg.head_dim) == (4, 4, 64)  # the config's explicit head_dim
-
-
-@pytest.mark.parametrize("key", sorted(RECORD["signatures"]))
-def test_signatures_accept_every_inteprelens_call(key: str):
-    """Each inteprelens parameter exists with its kind and default, in order; added ones are optional."""
-    wanted, got = RECORD["signatures"][key], _signature(_resolve(key))
-    by_name = {entry[0]: entry for entry in got}
-    if key not in SIGNATURE_EXTENSIONS:
-        for entry in wanted:
-            assert by_name.get(entry[0]) == entry, f"{key}: {entry} vs {by_name.get(entry[0])}"
-    positional = [w[0] for w in wanted if w[1] == "POSITIONAL_OR_KEYWORD"]
-    if key not in SIGNATURE_EXTENSIONS:  # inteprelens' positional parameters keep their positions
-        assert [e[0] for e in got][: len(positional)] == positional, f"{key}: {got}"
-    assert {w[0] for w in wanted} <= set(by_name) or key in SIGNATURE_EXTENSIONS
-    required = [e for e in got if e[2] == "" and e[1] not in ("VAR_POSITIONAL", "VAR_KEYWORD")]
-    assert all(e[0] in {w[0] for w in wanted} for e in required), f"{key}: new required parameters {required}"
 
 
 # --------------------------------------------------------------------------- README: trace and score
@@ -253,6 +206,8 @@ def test_readme_chg_examples(example: str, texts: list[str], targets: list[str])
     analyzer = LensAPI.from_pretrained(MODEL)
     results = analyzer.fit(texts=texts, targets=targets, **FIT_ARGS)  # the README call, paper convention
     assert results.summary()["total_heads"] == 16 and len(results.head_taxonomy()) == 16
+    necessary = results.necessary_heads()  # the README prints necessary.head() and taxonomy.head()
+    assert necessary.head() == necessary[:5] and len(results.head_taxonomy().head()) == 5
     assert results.masks["positive"].shape == record["masks"]["positive"].shape  # inteprelens' stage names
     torch.manual_seed(0)
     analyzer = LensAPI.from_pretrained(MODEL)
