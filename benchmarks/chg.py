@@ -102,7 +102,7 @@ def time_inteprelens_fp32(model, dataset, args) -> float:
     chg = LensCHG(model)
     logits = chg.create_masks(num_masks=args.num_masks)
     optimizer = torch.optim.Adam([logits], lr=1.0)
-    batches = dataset.to_iterator(args.batch_size, seed=0)
+    batches = dataset.training_batches(args.batch_size, seed=0)
 
     def update():
         optimizer.zero_grad()

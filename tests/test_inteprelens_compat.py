@@ -174,13 +174,13 @@ def test_datasets_pattern_task_and_masked_sequence_dataset():
     with pytest.raises(ValueError, match="tokenization must be"):
         CHGDataset.from_texts(PROMPTS, ANSWERS, tokenizer, tokenization="gpt")
     with pytest.raises(ValueError, match="global RNG"):
-        next(data.to_iterator(2, seed=0, order="inteprelens"))
+        next(data.training_batches(2, seed=0, order="inteprelens"))
 
 
 def test_dataloader_order_draws_like_a_dataloader():
     data = CHGDataset.from_texts(PROMPTS, ANSWERS, make_tokenizer())
     torch.manual_seed(5)
-    batches = [next(it)["input_ids"] for it in [data.to_iterator(1, order="inteprelens")] for _ in range(4)]
+    batches = [next(it)["input_ids"] for it in [data.training_batches(1, order="inteprelens")] for _ in range(4)]
     torch.manual_seed(5)
     order = [int(i) for i in torch.utils.data.DataLoader(range(4), batch_size=1, shuffle=True)]
     for batch, index in zip(batches, order):

@@ -4,7 +4,7 @@ Everything here is reached through an explicit option of fastgim's own classes:
 
 * :func:`inteprelens_tokenize`: ``CHGDataset.from_texts(..., tokenization="inteprelens")``, the
   prompt and target joined by a separator special token (removed again), no BOS, one extra pad column;
-* :func:`dataloader_batches`: ``CHGDataset.to_iterator(..., order="inteprelens")``, batches drawn by
+* :func:`dataloader_batches`: ``CHGDataset.training_batches(..., order="inteprelens")``, batches drawn by
   a shuffled ``torch.utils.data.DataLoader`` as inteprelens does (the same global-RNG draws);
 * :func:`pattern_task_pairs`: the synthetic ``aba`` / ``abb`` prompts of ``CHGDataset.from_pattern_task``;
 * :func:`read_inteprelens_masks`: the ``.pt`` files inteprelens writes, for ``CHGResults.load``;

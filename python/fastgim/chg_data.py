@@ -135,9 +135,8 @@ class CHGDataset(TensorDictDataset, torch.utils.data.Dataset):
         lengths: ``(N,)`` int64, each row's length through its last target token.
 
     Right padding never changes the logits at real positions of a causal model, so batches
-    need no attention mask. ``to_iterator`` is fastgim's (positional ``batch_size``, shuffled by
-    default, ``seed``); inteprelens' ``DataLoader`` iteration is ``to_dataloader(infinite=True, ...)``,
-    or use :class:`MaskedSequenceDataset`, whose ``to_iterator`` is inteprelens'.
+    need no attention mask. ``to_iterator`` / ``to_dataloader`` iterate a ``DataLoader`` as in
+    inteprelens; :meth:`training_batches` gives fastgim's seeded, shuffled training batches.
     """
 
     _lengths: Tensor | None = None
@@ -443,10 +442,16 @@ class CHGDataset(TensorDictDataset, torch.utils.data.Dataset):
         return (_trimmed_batch(input_ids, loss_masks, lengths, i.to(input_ids.device))
                 for i in dataloader_batches(len(input_ids), batch_size, shuffle))
 
-    def to_iterator(self, batch_size: int, shuffle: bool = True, seed: int | None = None,
-                    order: Literal["fastgim", "inteprelens"] = "fastgim") -> Iterator[dict[str, Tensor]]:
-        """fastgim's endless training batches: :meth:`training_batches`."""
-        return self.training_batches(batch_size, shuffle=shuffle, seed=seed, order=order)
+    def to_iterator(self, batch_size: int | None = None, **kwargs: Any) -> Iterator[TensorDict]:
+        """inteprelens' endless batches: ``iter(self.to_dataloader(infinite=True, **kwargs))``.
+
+        ``kwargs`` go to ``torch.utils.data.DataLoader`` (``shuffle=False`` unless given, as there);
+        ``batch_size`` may also be given positionally. fastgim's seeded, shuffled training batches
+        (what :class:`CHGTrainer` reads) are :meth:`training_batches`.
+        """
+        if batch_size is not None:
+            kwargs["batch_size"] = batch_size
+        return TensorDictDataset.to_iterator(self, **kwargs)
 
 
 def _right_padded(rows: list[list[int]], masks: list[list[bool]], pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -488,4 +493,3 @@ class MaskedSequenceDataset(CHGDataset):
         """A new MaskedSequenceDataset (same ``pad_token_id`` / ``pad_right``) with ``f`` applied to every field."""
         return MaskedSequenceDataset(self.pad_token_id, self.pad_right, **self._mapped(f))
 
-    to_iterator = TensorDictDataset.to_iterator
