@@ -230,6 +230,30 @@ def test_cpu_kernel_agrees_with_torch_path(dtype: torch.dtype, temperature: floa
         assert max_error(a, e) <= tol * (1 + float(e.abs().max()))
 
 
+def _subnormal_count(x: torch.Tensor) -> int:
+    x = x.float()
+    return int(((x != 0) & (x.abs() < torch.finfo(torch.float32).tiny)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_kernel_flushes_subnormal_gradients(dtype: torch.dtype, kernel_calls: list[int],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients below float32's smallest normal (1.2e-38) come out as zero: subnormal gradients made every
+    later GEMM of a CHG update several times slower. The caller's thread keeps its own floating-point mode."""
+    q, k, v = make_qkv(1, 4, 2, 33, 33, 32, dtype=dtype, requires_grad=True)
+    dout = (torch.randn(1, 4, 33, 32) * 1e-36).to(dtype)
+    options = dict(causal=True, attention_mask=None, sliding_window=None, softcap=None, gate=None)
+    kernel = run_op(q, k, v, None, options, AttentionGIM(), "torch", dout)
+    assert kernel_calls[0] == 1
+    monkeypatch.setattr(attention_cpu, "ENABLED", False)
+    plain_path = run_op(q, k, v, None, options, AttentionGIM(), "torch", dout)
+    assert sum(_subnormal_count(g) for g in plain_path[2:]) > 0  # the problem does produce subnormals
+    assert [_subnormal_count(g) for g in kernel[2:]] == [0, 0, 0]
+    for a, e in zip(kernel[2:], plain_path[2:]):  # flushing moves nothing above the subnormal range
+        assert max_error(a.float(), e.float()) <= 2e-2 * float(e.float().abs().max())
+    assert float(torch.tensor(1e-38) / 64) != 0.0  # this thread still computes subnormals
+
+
 def test_cpu_kernel_status_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off by flag, or failing to load: the status says why and the PyTorch path computes the backward."""
     monkeypatch.setattr(attention_cpu, "ENABLED", False)
