@@ -59,8 +59,7 @@ def load_model_and_data(device: str, batch_size: int):
         dataset = CHGDataset.from_tokens(ids, masks, pad_token_id=0)
         source = f"random Llama (default model unavailable: {type(error).__name__})"
     model = model.float().to(device).eval()
-    dataset.input_ids, dataset.loss_masks = dataset.input_ids.to(device), dataset.loss_masks.to(device)
-    dataset.lengths = dataset.lengths.to(device)
+    dataset = dataset.to(device)
     return model, dataset, source
 
 

@@ -13,8 +13,8 @@ facilitating when its removal gate stays >= --threshold, interfering when its re
 below it, irrelevant otherwise (ambiguous if both). Gates are averaged over the masks.
 
 The defaults are sized for a quick run. On the bundled 4-layer, 16-head model with its 565
-capital-fact prompts one run takes 52-57 s of one CPU thread (3-4.5 min wall time on a shared,
-loaded machine). Keeping only the facilitating heads found retains 99.9 % of the target log-prob
+capital-fact prompts one run takes 41-44 s of one CPU thread (the same in wall time on an idle
+machine). Keeping only the facilitating heads found retains 99.9 % of the target log-prob
 gap between all heads on and all off. With the same seed, a run with twice the updates gives the
 same label to 13 of the 16 heads; two seeds agree on 11 of 16, including every head that at least
 75 % of the masks agree on in both, and twice the updates does not change that
