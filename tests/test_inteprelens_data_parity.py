@@ -192,11 +192,12 @@ def test_chg_dataset_factories_match_inteprelens(case: str, tokenizer, tmp_path)
                                                                               tokenizer),
     }
     data = build[case]()
+    assert type(data) is MaskedSequenceDataset and isinstance(data, CHGDataset)  # inteprelens' return type
     assert_equal(data, record[case]["fields"], case)
     assert (data.pad_token_id, data.pad_right) == (record[case]["pad_token_id"], record[case]["pad_right"])
     assert len(tokenizer) == vocabulary  # inteprelens adds its separator to the caller's tokenizer; fastgim does not
     as_inteprelens = MaskedSequenceDataset(data.pad_token_id, **{k: data[k] for k in data.keys()})
-    for dataset in (data, as_inteprelens):  # its factories return this class: the same DataLoader batches
+    for dataset in (data, as_inteprelens):  # built by hand: the same DataLoader batches
         torch.manual_seed(0)
         batches = [next(iterator) for iterator in [dataset.to_iterator(batch_size=2, shuffle=True)] for _ in range(3)]
         if dataset is data:

@@ -159,6 +159,9 @@ class CHGDataset(TensorDictDataset, torch.utils.data.Dataset):
     @classmethod
     def _build(cls, input_ids: Tensor, loss_masks: Tensor, pad_token_id: int, lengths: Tensor | None = None
                ) -> CHGDataset:
+        """The factories' result: a :class:`MaskedSequenceDataset` (a CHGDataset), as inteprelens' return."""
+        if cls is CHGDataset:
+            return MaskedSequenceDataset._build(input_ids, loss_masks, pad_token_id, lengths)
         return cls(input_ids, loss_masks, pad_token_id, lengths)
 
     # ------------------------------------------------------------------ factories
@@ -487,7 +490,10 @@ class MaskedSequenceDataset(CHGDataset):
     @classmethod
     def _build(cls, input_ids: Tensor, loss_masks: Tensor, pad_token_id: int, lengths: Tensor | None = None
                ) -> MaskedSequenceDataset:
-        return cls(pad_token_id, input_ids=input_ids, loss_masks=loss_masks.to(torch.bool))
+        checked = CHGDataset(input_ids, loss_masks, pad_token_id, lengths)  # shapes, one target per row
+        data = cls(int(pad_token_id), input_ids=checked.input_ids, loss_masks=checked.loss_masks)
+        data._lengths = checked._lengths
+        return data
 
     def map(self, f: Any) -> MaskedSequenceDataset:
         """A new MaskedSequenceDataset (same ``pad_token_id`` / ``pad_right``) with ``f`` applied to every field."""
