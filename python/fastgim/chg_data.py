@@ -83,6 +83,20 @@ def _check_targets(loss_masks: Tensor, rows: Tensor | None = None) -> None:
         raise ValueError(f"samples {names(empty)} have no target token in loss_masks; every sample needs one")
 
 
+def _checked_rows(input_ids: Tensor, loss_masks: Tensor) -> tuple[Tensor, Tensor]:
+    """``(input_ids int64, loss_masks bool)`` after checking the shapes and that every row has a target."""
+    if input_ids.dim() != 2 or tuple(loss_masks.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"input_ids and loss_masks must both be (num_samples, seq_len), got {tuple(input_ids.shape)} "
+            f"and {tuple(loss_masks.shape)}"
+        )
+    if input_ids.shape[0] == 0:
+        raise ValueError("a CHG dataset needs at least one sample")
+    loss_masks = loss_masks.to(torch.bool)
+    _check_targets(loss_masks)
+    return input_ids.long(), loss_masks
+
+
 def _target_lengths(loss_masks: Tensor) -> Tensor:
     """``(N,)``: each row's last target column + 1 (later columns cannot change a causal model's loss)."""
     columns = torch.arange(loss_masks.shape[1], device=loss_masks.device).expand_as(loss_masks)
@@ -143,16 +157,8 @@ class CHGDataset(TensorDictDataset, torch.utils.data.Dataset):
     pad_right: bool = True
 
     def __init__(self, input_ids: Tensor, loss_masks: Tensor, pad_token_id: int, lengths: Tensor | None = None):
-        if input_ids.dim() != 2 or tuple(loss_masks.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"input_ids and loss_masks must both be (num_samples, seq_len), got {tuple(input_ids.shape)} "
-                f"and {tuple(loss_masks.shape)}"
-            )
-        if input_ids.shape[0] == 0:
-            raise ValueError("a CHG dataset needs at least one sample")
-        loss_masks = loss_masks.to(torch.bool)
-        _check_targets(loss_masks)
-        super().__init__(input_ids=input_ids.long(), loss_masks=loss_masks)
+        input_ids, loss_masks = _checked_rows(input_ids, loss_masks)
+        super().__init__(input_ids=input_ids, loss_masks=loss_masks)
         self.pad_token_id = int(pad_token_id)
         self._lengths = None if lengths is None else lengths.long().to(input_ids.device)
 
@@ -490,9 +496,9 @@ class MaskedSequenceDataset(CHGDataset):
     @classmethod
     def _build(cls, input_ids: Tensor, loss_masks: Tensor, pad_token_id: int, lengths: Tensor | None = None
                ) -> MaskedSequenceDataset:
-        checked = CHGDataset(input_ids, loss_masks, pad_token_id, lengths)  # shapes, one target per row
-        data = cls(int(pad_token_id), input_ids=checked.input_ids, loss_masks=checked.loss_masks)
-        data._lengths = checked._lengths
+        input_ids, loss_masks = _checked_rows(input_ids, loss_masks)
+        data = cls(int(pad_token_id), input_ids=input_ids, loss_masks=loss_masks)
+        data._lengths = None if lengths is None else lengths.long().to(input_ids.device)
         return data
 
     def map(self, f: Any) -> MaskedSequenceDataset:
