@@ -72,9 +72,10 @@ from fastgim.params import no_parameter_grads
 from fastgim.settings import use_settings
 
 STAGES = ("none", "retention", "removal")
-_STAGE_ALIASES = {"unregularized": "none", "positive": "retention", "negative": "removal"}
 INTEPRELENS_STAGE_NAMES = {"none": "none", "retention": "positive", "removal": "negative"}
 """inteprelens' name of each stage (the sign of lambda), reported in ``metrics["regularization"]``."""
+_STAGE_ALIASES = {"unregularized": "none",
+                  **{theirs: ours for ours, theirs in INTEPRELENS_STAGE_NAMES.items() if theirs != ours}}
 TAXONOMY = ("facilitating", "interfering", "irrelevant", "ambiguous")
 
 
